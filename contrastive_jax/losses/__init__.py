@@ -1,0 +1,10 @@
+"""Pure contrastive losses: ``fn(*arrays, *, hyperparameters, axis_name=None) -> (loss, metrics)``.
+
+Depends on jax only. With ``axis_name`` the arrays are the local shard of a batch sharded
+over that mapped axis; the loss is the global-batch mean and the same on every device.
+"""
+
+from contrastive_jax.losses.clip import clip_logits, clip_loss
+from contrastive_jax.losses.common import l2_normalize
+
+__all__ = ["clip_logits", "clip_loss", "l2_normalize"]

@@ -1,0 +1,84 @@
+"""CLIP's symmetric InfoNCE (Radford et al., 2021), METHODS.md §1.1.
+
+``clip_loss`` is the global-view form with local rows against all-gathered columns
+(pattern L): each device holds a ``[b, B]`` block of logits per direction. The memory-lean
+ring/chunked form (issue 3) sits beside it in this package and is tested against it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from contrastive_jax.losses import common
+
+
+def clip_logits(image_emb, text_emb, logit_scale, *, axis_name=None):
+  """Image->text and text->image logits of the local rows against the global batch.
+
+  Args:
+    image_emb: ``[b, D]`` image embeddings (local shard when ``axis_name`` is set), any float dtype.
+    text_emb: ``[b, D]`` paired text embeddings.
+    logit_scale: scalar scale ``s`` (already exponentiated).
+    axis_name: mapped axis to gather over, or None for a single device.
+
+  Returns:
+    ``(logits_i2t, logits_t2i, labels)``: float32 ``[b, B]`` each, and int32 ``[b]`` global
+    indices of the positives.
+  """
+  x = common.l2_normalize(image_emb)
+  y = common.l2_normalize(text_emb)
+  x_all = common.all_gather_rows(x, axis_name)
+  y_all = common.all_gather_rows(y, axis_name)
+  scale = jnp.asarray(logit_scale, jnp.float32)
+  logits_i2t = scale * x @ y_all.T
+  logits_t2i = scale * y @ x_all.T
+  labels = common.shard_offset(x.shape[0], axis_name) + jnp.arange(x.shape[0])
+  return logits_i2t, logits_t2i, labels
+
+
+def _row_stats(logits, labels):
+  """Per-row cross-entropy, top-1 hit and positive logit for integer ``labels``."""
+  positive = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  xent = jax.nn.logsumexp(logits, axis=1) - positive
+  hit = (jnp.argmax(logits, axis=1) == labels).astype(jnp.float32)
+  return xent, hit, positive
+
+
+def clip_loss(image_emb, text_emb, logit_scale, *, axis_name=None):
+  """Symmetric InfoNCE over the global batch.
+
+  ``L = ½ (mean_i CE(Z_i·, i) + mean_j CE(Z_·j, j))`` with ``Z = s · x̂ ŷᵀ`` over all ``B``
+  pairs. Embeddings are L2-normalised inside, in float32.
+
+  Args:
+    image_emb: ``[b, D]`` image embeddings, the local shard when ``axis_name`` is given.
+    text_emb: ``[b, D]`` text embeddings paired row by row with ``image_emb``.
+    logit_scale: scalar ``s = exp(θ)`` (the scale itself, not its log).
+    axis_name: name of the mapped data axis (inside ``shard_map`` / ``pmap``), or None.
+
+  Returns:
+    ``(loss, metrics)``: the float32 global-batch loss, identical on every device, whose
+    gradient w.r.t. each local input equals the single-device gradient on the concatenated
+    batch; ``metrics`` holds ``i2t_acc``, ``t2i_acc`` (in-batch top-1), ``pos_logit`` and
+    ``neg_logit`` (mean positive / off-diagonal logit).
+  """
+  logits_i2t, logits_t2i, labels = clip_logits(
+      image_emb, text_emb, logit_scale, axis_name=axis_name)
+  b, global_b = logits_i2t.shape
+  xent_i2t, hit_i2t, pos = _row_stats(logits_i2t, labels)
+  xent_t2i, hit_t2i, _ = _row_stats(logits_t2i, labels)
+
+  def mean(local_sum, count):
+    return common.global_sum(local_sum, axis_name) / count
+
+  loss = mean(jnp.sum(xent_i2t) + jnp.sum(xent_t2i), 2 * global_b)
+  num_neg = global_b * (global_b - 1)
+  metrics = {
+      "i2t_acc": mean(jnp.sum(hit_i2t), global_b),
+      "t2i_acc": mean(jnp.sum(hit_t2i), global_b),
+      "pos_logit": mean(jnp.sum(pos), global_b),
+      "neg_logit": mean(jnp.sum(logits_i2t) - jnp.sum(pos), num_neg) if num_neg else 0.0,
+  }
+  metrics = jax.tree.map(jax.lax.stop_gradient, metrics)
+  return loss, metrics

@@ -1,0 +1,39 @@
+"""What every objective provides, and helpers shared by the image-text objectives.
+
+An objective is a small object with
+
+* ``batch_keys``: the batch keys its loss reads (validated on the first batch);
+* ``model``: the flax module whose ``params`` are trained (``encode_image`` /
+  ``encode_text`` methods make it usable by the zero-shot evaluators);
+* ``init(rng, batch) -> (params, objective_state)``; ``objective_state`` is an explicit
+  pytree (queues, prototypes, EMA weights, per-sample statistics; ``{}`` when none);
+* ``loss(params, objective_state, batch, rng, *, axis_name) -> (loss, (metrics, new_state))``
+  on the local shard, with the global-batch loss on every device (the loss contract).
+
+Adding a method means adding one module here and one entry in ``OBJECTIVES``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from contrastive_jax.models import TwoTower
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_from_config(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"config.model.dtype={name!r}; expected one of {sorted(DTYPES)}.")
+  return DTYPES[name]
+
+
+def two_tower_from_config(model_config, *, vocab_size: int, context_length: int,
+                          **overrides) -> TwoTower:
+  """Builds :class:`TwoTower` from ``config.model`` (``image``, ``text``, ``embed_dim``, ``dtype``)."""
+  text = dict(model_config.text)
+  text.update(vocab_size=vocab_size, context_length=context_length)
+  kwargs = dict(image=dict(model_config.image), text=text, embed_dim=model_config.embed_dim,
+                dtype=dtype_from_config(model_config.get("dtype", "float32")))
+  kwargs.update(overrides)
+  return TwoTower(**kwargs)

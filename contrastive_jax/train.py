@@ -1,0 +1,169 @@
+"""The trainer: ``python -m contrastive_jax.train --config FILE[:ARGS] --workdir DIR``.
+
+config -> tokenizer, objective, mesh, optimizer -> train state (fresh, or the newest complete
+checkpoint in the workdir) -> loop: per-host batch -> mapped train step -> metrics, progress,
+checkpoints, periodic evaluation. Re-running the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Dict, Optional
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+from clu import parameter_overview, periodic_actions
+from ml_collections import config_flags
+
+from contrastive_jax import checkpointing, evaluate, optim, parallel, train_state, writers
+from contrastive_jax.data import pipeline, tokenizers
+from contrastive_jax.objectives import make_objective
+
+class NonFiniteLossError(FloatingPointError):
+  """Training stopped on a non-finite loss."""
+
+
+def build(config):
+  """The pieces shared by training and evaluation: tokenizer, objective, mesh, optimizer."""
+  tokenizer = tokenizers.make_tokenizer(**config.tokenizer)
+  objective = make_objective(config, tokenizer)
+  mesh = parallel.make_mesh(config.parallel.data_axis_size)
+  parallel.check_batch_size(config.batch_size, mesh)
+  optimizer = optim.make_optimizer(config.optimizer, config.total_steps,
+                                   config.optimizer.get("logit_scale_max"))
+  return tokenizer, objective, mesh, optimizer
+
+
+def initial_state(config, objective, optimizer, sample_batch, mesh):
+  """A fresh, replicated train state (initialised once, jitted)."""
+  sample = jax.tree.map(lambda x: x[:1], sample_batch)
+  create = functools.partial(train_state.create, objective, optimizer, seed=config.seed)
+  return jax.jit(create, out_shardings=parallel.replicated(mesh))(sample)
+
+
+def _mean_metrics(history) -> Dict[str, float]:
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _check_finite(metrics, step: int) -> None:
+  loss = float(jax.device_get(metrics["loss"]))
+  if not np.isfinite(loss):
+    shown = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    raise NonFiniteLossError(f"Non-finite loss at step {step}: {shown}. No checkpoint was "
+                             "written for it; the last good one is kept.")
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
+  """Trains (resuming if the workdir has a checkpoint) and returns the final eval metrics."""
+  tokenizer, objective, mesh, optimizer = build(config)
+  mngr = checkpointing.manager(workdir, keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.get("async_save", True))
+  start_step = mngr.latest_step() or 0
+  batches = pipeline.as_numpy_batches(
+      pipeline.train_dataset(config, tokenizer, start_step=start_step))
+  first = next(batches)
+  local_rows = parallel.local_batch_size(config.batch_size)
+  pipeline.validate_batch(first, objective.batch_keys, local_rows)
+
+  state = initial_state(config, objective, optimizer, first, mesh)
+  if start_step:
+    state, meta = checkpointing.restore(mngr, state, start_step)
+    logging.info("Resumed from step %d (data position %s).", start_step, meta["data_position"])
+  else:
+    parameter_overview.log_parameter_overview(state.params)
+
+  writer = writers.make_writer(workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  logging.info("%d processes, %d devices (%s), mesh %s, mode %s, global batch %d.",
+               jax.process_count(), jax.device_count(), jax.devices()[0].platform,
+               dict(mesh.shape), config.parallel.mode, config.batch_size)
+
+  step_fn = parallel.map_step(
+      functools.partial(train_state.train_step, objective=objective, optimizer=optimizer),
+      mesh, config.parallel.mode)
+  total = config.total_steps
+  progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                             every_steps=config.log_every_steps)
+  eval_every = config.eval.get("every_steps", 0)
+
+  def run_eval(step):
+    with progress.timed("eval"):
+      results = evaluate.run_evaluators(config, objective.model, state.params, tokenizer, mesh)
+    writer.write_scalars(step, results)
+    logging.info("Step %d evaluation: %s", step, json.dumps(results, sort_keys=True))
+    return results
+
+  history, pending, results = [], None, {}
+  batch = first
+  for step in range(start_step + 1, total + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      if batch is None:
+        batch = next(batches)
+      state, metrics = step_fn(state, batch)
+      batch = None
+    if pending is not None:  # checked one step late so the host never stalls the device
+      _check_finite(*pending)
+    pending = (metrics, step)
+    history.append(metrics)
+    progress(step)
+    if step % config.log_every_steps == 0 or step == total:
+      _check_finite(*pending)
+      writer.write_scalars(step, {f"train/{k}": v for k, v in _mean_metrics(history).items()})
+      history = []
+    if step % config.checkpoint.every_steps == 0 or step == total:
+      _check_finite(*pending)
+      checkpointing.save(mngr, state, {"step": step, "data_position": step,
+                                       "config": config.to_json_best_effort()})
+    if step == total or (eval_every and step % eval_every == 0):
+      results = run_eval(step)
+  if start_step >= total:
+    logging.info("Nothing to train: checkpoint at step %d ≥ total_steps.", start_step)
+    results = run_eval(start_step)
+  mngr.wait_until_finished()
+  writer.flush()
+  return results
+
+
+def restore_params(config, checkpoint_dir: str, step: Optional[int] = None):
+  """Restores a run's parameters without training data or a concrete initialisation.
+
+  Returns ``(tokenizer, objective, mesh, params, step)``; the state structure comes from
+  ``config`` (abstract shapes only), so a checkpoint of another model shape fails clearly.
+  """
+  tokenizer, objective, mesh, optimizer = build(config)
+  sample = next(pipeline.as_numpy_batches(pipeline.train_dataset(config, tokenizer).take(1)))
+  sample = jax.tree.map(lambda x: x[:1], sample)
+  create = functools.partial(train_state.create, objective, optimizer, seed=config.seed)
+  replicated = parallel.replicated(mesh)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                          jax.eval_shape(create, sample))
+  state, meta = checkpointing.restore(checkpointing.manager_at(checkpoint_dir), abstract, step)
+  return tokenizer, objective, mesh, state.params, meta["step"]
+
+
+def main():
+  config_flag = config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                                lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def run(argv):
+    del argv
+    writers.quiet_library_logs()
+    os.makedirs(workdir_flag.value, exist_ok=True)
+    results = train_and_evaluate(config_flag.value, workdir_flag.value)
+    if jax.process_index() == 0:
+      print(json.dumps(results, indent=2, sort_keys=True))
+
+  jax.config.config_with_absl()
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,59 @@
+"""Evaluation metrics on hand-made inputs, and the evaluate CLI on a trained checkpoint."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_STEPS, run_module
+from contrastive_jax.evaluate import metrics
+
+
+def test_classification_metrics_by_hand():
+  logits = np.array([
+      [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],   # label 0, top1 hit
+      [0.0, 0.2, 0.9, 0.1, 0.0, 0.0],   # label 1, rank 2 -> top5 hit
+      [0.0, 0.0, 0.1, 0.9, 0.0, 0.0],   # label 2, rank 2
+      [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],   # label 0, rank 6 -> miss even at 5
+  ])
+  labels = np.array([0, 1, 2, 0])
+  out = metrics.classification_metrics(logits, labels)
+  assert out["acc1"] == pytest.approx(0.25)
+  assert out["acc5"] == pytest.approx(0.75)
+  # Per-class recall: class 0 -> 1/2, class 1 -> 0, class 2 -> 0; mean over present classes.
+  assert out["mean_per_class_recall"] == pytest.approx((0.5 + 0 + 0) / 3)
+  assert "acc5" not in metrics.classification_metrics(logits[:, :4], labels)
+
+
+def test_retrieval_recall_with_multiple_positives_by_hand():
+  image = np.eye(3, dtype=np.float32)
+  text = np.array([[1, 0, 0], [0.6, 0.8, 0], [0, 0, 1], [0, 1, 0]], np.float32)
+  positives = np.array([[1, 0, 0, 0],   # image 0 <- text 0
+                        [0, 1, 0, 1],   # image 1 <- texts 1 and 3
+                        [0, 0, 1, 0]], bool)
+  out = metrics.retrieval_metrics(image, text, positives, ks=(1, 2))
+  # image->text: img0 top1=t0 hit; img1 top1=t3 hit; img2 top1=t2 hit.
+  assert out["i2t_recall@1"] == pytest.approx(1.0)
+  # text->image: t0->img0 hit; t1 (0.6, 0.8) -> img1 hit; t2->img2 hit; t3->img1 hit.
+  assert out["t2i_recall@1"] == pytest.approx(1.0)
+  text[1] = [0.8, 0.6, 0]  # now t1's best image is img0 (a miss at 1, a hit at 2)
+  out = metrics.retrieval_metrics(image, text, positives, ks=(1, 2))
+  assert out["t2i_recall@1"] == pytest.approx(0.75) and out["t2i_recall@2"] == 1.0
+  assert out["i2t_recall@1"] == pytest.approx(1.0)  # img1 still finds t3 first
+  with pytest.raises(ValueError, match="positive"):
+    metrics.recall_at_k(np.zeros((2, 2)), np.zeros((2, 2), bool), (1,))
+
+
+def test_evaluate_cli_reproduces_the_training_numbers(tiny_run, tmp_path):
+  config, workdir, results = tiny_run
+  output = tmp_path / "metrics.json"
+  proc = run_module(["contrastive_jax.evaluate",
+                     f"--config={REPO}/configs/clip_shapes.py:size=tiny,steps={TINY_STEPS}",
+                     f"--workdir={workdir}", f"--output={output}"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  written = json.loads(output.read_text())
+  assert written["step"] == TINY_STEPS
+  for key, value in results.items():
+    assert written[key] == pytest.approx(value, abs=1e-6), key
+  assert '"zeroshot/shapes/acc1"' in proc.stdout
