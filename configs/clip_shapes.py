@@ -24,14 +24,14 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.objective = "clip"
-  c.total_steps = arg.steps or (8 if tiny else 1500)
+  c.total_steps = arg.steps or (60 if tiny else 1500)
   c.batch_size = 16 if tiny else 128
 
   c.data = dict(source="shapes", seed=0, image_size=32 if tiny else 48, min_objects=1,
                 max_objects=4, text_key="caption")
   c.tokenizer = dict(name="bytes", context_length=48)
 
-  width = 32 if tiny else 128
+  width = 32 if tiny else 64
   c.model = dict(
       embed_dim=width,
       dtype="float32",
@@ -40,13 +40,13 @@ def get_config(arg=None):
       text=dict(width=width, depth=1 if tiny else 2, num_heads=4),
   )
 
-  c.optimizer = dict(learning_rate=1e-3, warmup_steps=2 if tiny else 100, end_factor=0.0,
+  c.optimizer = dict(learning_rate=3e-3, warmup_steps=5 if tiny else 100, end_factor=0.0,
                      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, grad_clip_norm=1.0,
                      logit_scale_max=math.log(100.0))
 
   c.parallel = dict(mode="jit", data_axis_size=-1)  # mode: 'jit' (shard_map) or 'pmap'
-  c.checkpoint = dict(every_steps=4 if tiny else 250, keep=3, async_save=True)
-  c.log_every_steps = 2 if tiny else 50
+  c.checkpoint = dict(every_steps=20 if tiny else 250, keep=3, async_save=True)
+  c.log_every_steps = 10 if tiny else 50
 
   test_examples = 256 if tiny else 4096
   c.eval = dict(

@@ -90,15 +90,17 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   total = config.total_steps
   progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                              every_steps=config.log_every_steps)
-  eval_every = config.eval.get("every_steps", 0)
 
-  def run_eval(step):
+  def run_eval(step, t=None):
+    del t
     with progress.timed("eval"):
       results = evaluate.run_evaluators(config, objective.model, state.params, tokenizer, mesh)
     writer.write_scalars(step, results)
     logging.info("Step %d evaluation: %s", step, json.dumps(results, sort_keys=True))
     return results
 
+  periodic_eval = periodic_actions.PeriodicCallback(
+      every_steps=config.eval.get("every_steps") or None, on_steps=[total], callback_fn=run_eval)
   history, pending, results = [], None, {}
   batch = first
   for step in range(start_step + 1, total + 1):
@@ -120,8 +122,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
       _check_finite(*pending)
       checkpointing.save(mngr, state, {"step": step, "data_position": step,
                                        "config": config.to_json_best_effort()})
-    if step == total or (eval_every and step % eval_every == 0):
-      results = run_eval(step)
+    if periodic_eval(step):
+      results = periodic_eval.get_last_callback_result()
   if start_step >= total:
     logging.info("Nothing to train: checkpoint at step %d ≥ total_steps.", start_step)
     results = run_eval(start_step)

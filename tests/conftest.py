@@ -18,7 +18,7 @@ import tensorflow as tf  # noqa: E402
 tf.config.set_visible_devices([], "GPU")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY_STEPS = 12
+TINY_STEPS = 60
 
 
 def load_config(name: str, arg: str = ""):

@@ -1,7 +1,6 @@
 """Evaluation metrics on hand-made inputs, and the evaluate CLI on a trained checkpoint."""
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -40,7 +40,9 @@ def test_vocabulary():
     assert len(shapes.POSITIONS) == 9 and shapes.POSITIONS[4] == "centre"
     assert shapes.CLASS_NAMES[shapes.SHAPES.index("star") + 8 * 2] == "blue star"
     assert len(set(shapes.CLASS_NAMES)) == 64
-    assert all(t.count("{}") == 1 for t in shapes.PROMPT_TEMPLATES)
+    prompts = [t("orange circle") for t in shapes.PROMPT_TEMPLATES]
+    assert "an orange circle" in prompts and "a small orange circle" in prompts
+    assert all("orange circle" in p for p in prompts)
     rgb = np.array(shapes.COLOUR_RGB)
     d = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1) + 9 * np.eye(8)
     assert d.min() > 0.3  # well separated colours

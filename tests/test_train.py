@@ -1,5 +1,6 @@
 """The trainer end to end on the tiny shapes config (8 simulated devices)."""
 
+import math
 import os
 import signal
 import subprocess
@@ -19,7 +20,8 @@ def test_short_run_lowers_the_loss(tiny_run):
   records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   losses = [r["train/loss"] for r in records if "train/loss" in r]
   assert len(losses) == TINY_STEPS // config.log_every_steps
-  assert losses[-1] < losses[0] - 0.3, losses
+  # Below ln(B), the loss of embeddings that cannot tell pairs apart.
+  assert losses[-1] < min(losses[0], math.log(config.batch_size)) - 0.1, losses
   assert "zeroshot/shapes/acc1" in results and "retrieval/shapes/i2t_recall@1" in results
   steps = checkpointing.manager(workdir, keep=3).all_steps()
   assert max(steps) == TINY_STEPS and len(steps) <= config.checkpoint.keep
@@ -40,14 +42,14 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tiny_run, tmp_path)
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
-  while not _checkpoint_done(workdir, 4) and proc.poll() is None and time.time() < deadline:
+  while not _checkpoint_done(workdir, 20) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   assert proc.poll() is None, "the run finished before it could be killed"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not _checkpoint_done(workdir, TINY_STEPS)
   killed_at = checkpointing.manager(workdir, keep=3).latest_step()
-  assert killed_at in (4, 8)
+  assert killed_at in (20, 40)
 
   resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]

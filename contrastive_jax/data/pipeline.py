@@ -20,7 +20,7 @@ key            shape / dtype               meaning
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -97,8 +97,14 @@ def train_dataset(config, tokenizer: Tokenizer, *, start_step: int = 0) -> tf.da
 def eval_dataset(data_config, tokenizer: Tokenizer, *, split: str = "test",
                  single_object: bool = False, num_examples: Optional[int] = None,
                  text_key: str = "caption") -> tf.data.Dataset:
-  """Unbatched, preprocessed evaluation examples (the same on every host)."""
-  ds = shapes.dataset(split, num_examples=num_examples, **_shapes_kwargs(data_config))
+  """Unbatched, preprocessed evaluation examples (the same on every host).
+
+  The split is the dataset's canonical one (1 to ``MAX_OBJECTS`` objects per scene), so
+  the test scenes do not change with the training data's object range; only the seed and
+  image size follow ``data_config``.
+  """
+  ds = shapes.dataset(split, seed=data_config.get("seed", 0), image_size=data_config.image_size,
+                      num_examples=num_examples)
   if single_object:
     ds = ds.filter(lambda ex: ex["label"] >= 0)
   return ds.map(image_text_features(tokenizer, text_key), num_parallel_calls=tf.data.AUTOTUNE)
@@ -129,6 +135,3 @@ def validate_batch(batch: Mapping[str, np.ndarray], required: Sequence[str],
       raise ValueError(f"Batch key {key!r} has shape {value.shape} and dtype {value.dtype}; "
                        f"expected rank {rank} and dtype kind {kind!r}.")
 
-
-def batch_shapes(batch: Mapping[str, np.ndarray]) -> Tuple:
-  return tuple((k, v.shape, v.dtype.name) for k, v in sorted(batch.items()))

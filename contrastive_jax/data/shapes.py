@@ -65,13 +65,24 @@ POSITION_PHRASES = ("at the top left", "at the top", "at the top right", "on the
                     "in the centre", "on the right", "at the bottom left", "at the bottom",
                     "at the bottom right")
 CLASS_NAMES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
+
+
+def _a(phrase: str) -> str:
+    """``phrase`` with its indefinite article, as captions write it ("an orange star")."""
+    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
+
+
+# Zero-shot prompts, written in the captions' own language (a byte-level text tower trained
+# only on shapes captions has never seen "a photo of"): callables ``class name -> prompt``,
+# as open_clip's templates are, so the article agrees with the colour ("an orange circle").
+# Ensembling over sizes and positions makes the classifier invariant to both.
 PROMPT_TEMPLATES = (
-    "a {}.",
-    "a photo of a {}.",
-    "a picture with a {}.",
-    "an image of a {} on a dark background.",
-    "a drawing of a {}.",
-    "there is a {} in the image.",
+    lambda c: _a(c),
+    lambda c: _a(f"small {c}"),
+    lambda c: _a(f"large {c}"),
+    lambda c: _a(f"{c} in the centre"),
+    lambda c: _a(f"{c} at the top left"),
+    lambda c: _a(f"{c} at the bottom right"),
 )
 MAX_OBJECTS = 4
 TEST_SIZE = 4096
@@ -83,7 +94,7 @@ _ALG = "philox"  # fixed, so streams do not depend on the device
 _NUM_WORDS = ("zero", "one", "two", "three", "four")
 
 # Radius of an object as a fraction of the cell side, per size (non-overlapping).
-_RADIUS_RANGES = ((0.27, 0.33), (0.38, 0.45))
+_RADIUS_RANGES = ((0.31, 0.36), (0.40, 0.46))
 _COLOUR_JITTER = 0.05  # per-channel uniform jitter of the base RGB
 _OBJECT_NOISE = 0.04  # amplitude of the uniform pixel noise on objects
 _BG_MAX = 0.3

@@ -31,8 +31,11 @@ def embed_texts(model, params, tokenizer, texts: Sequence[str], mesh, batch_size
 
 def classifier(model, params, tokenizer, class_names: Sequence[str],
                templates: Sequence[str], mesh, batch_size: int) -> np.ndarray:
-  """``[C, E]``: per class, the mean of its normalised template embeddings, normalised."""
-  texts = [t.format(c) for c in class_names for t in templates]
+  """``[C, E]``: per class, the mean of its normalised template embeddings, normalised.
+
+  ``templates`` are format strings with one ``{}`` or callables ``class_name -> prompt``.
+  """
+  texts = [t(c) if callable(t) else t.format(c) for c in class_names for t in templates]
   emb = embed_texts(model, params, tokenizer, texts, mesh, batch_size)
   emb = emb.reshape(len(class_names), len(templates), -1).mean(axis=1)
   return embedding.normalize(emb)
