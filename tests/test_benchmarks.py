@@ -1,0 +1,24 @@
+"""The benchmark scripts run (smoke test on the tiny config; no timing assertions)."""
+
+import importlib.util
+import math
+
+from conftest import REPO, tiny_config
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_train_step_speed_measures_the_library_step():
+  bench = _load("train_step_speed")
+  config = tiny_config()
+  batch = bench.synthetic_batch(config, 16)
+  lengths = batch["text_mask"].sum(1)
+  assert (batch["text"][range(16), lengths - 1] == bench.BYTE_VOCAB - 1).all()  # EOT last
+  row = bench.measure(config, 16, "float32", steps=1, mode="jit")
+  assert row["devices"] == 8 and row["finite"] and math.isfinite(row["step_ms"])
+  assert row["loss_after"] < math.log(16) + 1
