@@ -91,10 +91,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                              every_steps=config.log_every_steps)
 
+  encoders = evaluate.jitted_encoders(objective.model)
+
   def run_eval(step, t=None):
     del t
     with progress.timed("eval"):
-      results = evaluate.run_evaluators(config, objective.model, state.params, tokenizer, mesh)
+      results = evaluate.run_evaluators(config, encoders, state.params, tokenizer, mesh)
     writer.write_scalars(step, results)
     logging.info("Step %d evaluation: %s", step, json.dumps(results, sort_keys=True))
     return results

@@ -9,14 +9,16 @@ from __future__ import annotations
 from typing import Dict
 
 from contrastive_jax.data import pipeline, shapes
-from contrastive_jax.evaluate import retrieval, zeroshot
+from contrastive_jax.evaluate import embedding, retrieval, zeroshot
 
 KINDS = ("zeroshot", "retrieval")
+jitted_encoders = embedding.jitted_encoders
 # dataset name -> (class names, prompt templates) for zero-shot classification.
 CLASSIFICATION_PROMPTS = {"shapes": (shapes.CLASS_NAMES, shapes.PROMPT_TEMPLATES)}
 
 
-def run_evaluators(config, model, params, tokenizer, mesh) -> Dict[str, float]:
+def run_evaluators(config, encoders, params, tokenizer, mesh) -> Dict[str, float]:
+  """Runs ``config.eval.evaluators``; ``encoders`` from :func:`embedding.jitted_encoders`."""
   results = {}
   batch_size = config.eval.batch_size
   for name, ev in config.eval.evaluators.items():
@@ -28,11 +30,11 @@ def run_evaluators(config, model, params, tokenizer, mesh) -> Dict[str, float]:
       ds = pipeline.eval_dataset(config.data, tokenizer, split=ev.split, single_object=True,
                                  num_examples=ev.get("num_examples"))
       names, templates = CLASSIFICATION_PROMPTS[ev.dataset]
-      out = zeroshot.evaluate(model, params, tokenizer, ds, names, templates, mesh, batch_size)
+      out = zeroshot.evaluate(encoders, params, tokenizer, ds, names, templates, mesh, batch_size)
     else:
       ds = pipeline.eval_dataset(config.data, tokenizer, split=ev.split,
                                  num_examples=ev.get("num_examples"),
                                  text_key=config.data.get("text_key", "caption"))
-      out = retrieval.evaluate(model, params, ds, mesh, batch_size)
+      out = retrieval.evaluate(encoders, params, ds, mesh, batch_size)
     results.update({f"{ev.kind}/{ev.dataset}/{k}": v for k, v in out.items()})
   return results

@@ -41,7 +41,8 @@ def main():
       raise app.UsageError("Give --workdir (and optionally --step) or --checkpoint.")
     tokenizer, objective, mesh, params, step = train.restore_params(config, directory, step)
     logging.info("Evaluating step %d from %s.", step, directory)
-    results = evaluate.run_evaluators(config, objective.model, params, tokenizer, mesh)
+    results = evaluate.run_evaluators(config, evaluate.jitted_encoders(objective.model), params,
+                                      tokenizer, mesh)
     if jax.process_index() == 0:
       text = json.dumps({"step": step, **results}, indent=2, sort_keys=True)
       print(text)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Tuple
 
 import jax
 import numpy as np
@@ -16,15 +16,26 @@ def _host_rows(x: np.ndarray) -> np.ndarray:
   return x[jax.process_index() * per_host:(jax.process_index() + 1) * per_host]
 
 
+def jitted_encoders(model) -> Tuple[Callable, Callable]:
+  """``(image_fn, text_fn)``: jitted ``(params, images)`` and ``(params, tokens, mask)`` ->
+  pooled embeddings. Build them once per model and reuse them, so periodic evaluations do
+  not recompile."""
+  image = lambda params, images: model.apply({"params": params}, images,
+                                             method=model.encode_image)[0]
+  text = lambda params, tokens, mask: model.apply({"params": params}, tokens, mask,
+                                                  method=model.encode_text)[0]
+  return jax.jit(image), jax.jit(text)
+
+
 def embed_batches(encode: Callable, params, batches: Iterable[Mapping[str, np.ndarray]],
                   keys, mesh, batch_size: int) -> np.ndarray:
-  """Applies ``encode(params, *[batch[k] for k in keys]) -> [n, E]`` to every batch.
+  """Applies the jitted ``encode(params, *[batch[k] for k in keys]) -> [n, E]`` to every batch.
 
   Batches (identical on every host) are padded to ``batch_size`` (a multiple of the device
-  count), sharded over the ``data`` axis, and the valid rows are gathered back to numpy.
+  count, so every call has the same shapes and compiles once), sharded over the ``data``
+  axis, and the valid rows are gathered back to numpy.
   """
   parallel.check_batch_size(batch_size, mesh)
-  encode = jax.jit(encode)
   outs = []
   for batch in batches:
     n = len(batch[keys[0]])

@@ -7,17 +7,17 @@ from typing import Dict
 import numpy as np
 import tensorflow as tf
 
-from contrastive_jax.evaluate import embedding, metrics, zeroshot
+from contrastive_jax.evaluate import embedding, metrics
 
 
-def evaluate(model, params, dataset: tf.data.Dataset, mesh, batch_size: int,
+def evaluate(encoders, params, dataset: tf.data.Dataset, mesh, batch_size: int,
              ks=(1, 5, 10)) -> Dict[str, float]:
   """Recall@K both ways over a dataset of examples with ``image``, ``text``, ``text_mask``.
 
   Texts are positives of every image whose caption has the same tokens (captions of
   procedurally generated scenes repeat), and of their own image.
   """
-  image_fn, text_fn = zeroshot.encoders(model)
+  image_fn, text_fn = encoders
   tokens = []
 
   def batches(store):

@@ -10,42 +10,34 @@ import tensorflow as tf
 from contrastive_jax.evaluate import embedding, metrics
 
 
-def encoders(model):
-  """Jittable ``(params, images)`` and ``(params, text, mask)`` -> pooled embeddings."""
-  image = lambda params, images: model.apply({"params": params}, images,
-                                             method=model.encode_image)[0]
-  text = lambda params, tokens, mask: model.apply({"params": params}, tokens, mask,
-                                                  method=model.encode_text)[0]
-  return image, text
-
-
-def embed_texts(model, params, tokenizer, texts: Sequence[str], mesh, batch_size: int):
+def embed_texts(encoders, params, tokenizer, texts: Sequence[str], mesh, batch_size: int):
   """Normalised embeddings ``[len(texts), E]`` of Python strings."""
   tokens, mask = (t.numpy() for t in tokenizer.tokenize(tf.constant(list(texts))))
   batches = ({"text": tokens[i:i + batch_size], "text_mask": mask[i:i + batch_size]}
              for i in range(0, len(texts), batch_size))
-  emb = embedding.embed_batches(encoders(model)[1], params, batches, ("text", "text_mask"),
+  emb = embedding.embed_batches(encoders[1], params, batches, ("text", "text_mask"),
                                 mesh, batch_size)
   return embedding.normalize(emb)
 
 
-def classifier(model, params, tokenizer, class_names: Sequence[str],
+def classifier(encoders, params, tokenizer, class_names: Sequence[str],
                templates: Sequence[str], mesh, batch_size: int) -> np.ndarray:
   """``[C, E]``: per class, the mean of its normalised template embeddings, normalised.
 
   ``templates`` are format strings with one ``{}`` or callables ``class_name -> prompt``.
   """
   texts = [t(c) if callable(t) else t.format(c) for c in class_names for t in templates]
-  emb = embed_texts(model, params, tokenizer, texts, mesh, batch_size)
+  emb = embed_texts(encoders, params, tokenizer, texts, mesh, batch_size)
   emb = emb.reshape(len(class_names), len(templates), -1).mean(axis=1)
   return embedding.normalize(emb)
 
 
-def evaluate(model, params, tokenizer, dataset: tf.data.Dataset, class_names, templates,
+def evaluate(encoders, params, tokenizer, dataset: tf.data.Dataset, class_names, templates,
              mesh, batch_size: int) -> Dict[str, float]:
   """Zero-shot metrics (``acc1``, ``acc5``, ``mean_per_class_recall``) on a dataset of
-  preprocessed examples with ``image`` and ``label`` keys."""
-  weights = classifier(model, params, tokenizer, class_names, templates, mesh, batch_size)
+  preprocessed examples with ``image`` and ``label`` keys; ``encoders`` from
+  :func:`embedding.jitted_encoders`."""
+  weights = classifier(encoders, params, tokenizer, class_names, templates, mesh, batch_size)
   labels = []
 
   def batches():
@@ -53,7 +45,7 @@ def evaluate(model, params, tokenizer, dataset: tf.data.Dataset, class_names, te
       labels.append(batch["label"])
       yield batch
 
-  images = embedding.embed_batches(encoders(model)[0], params, batches(), ("image",), mesh,
+  images = embedding.embed_batches(encoders[0], params, batches(), ("image",), mesh,
                                    batch_size)
   logits = embedding.normalize(images) @ weights.T
   return metrics.classification_metrics(logits, np.concatenate(labels))
