@@ -5,6 +5,7 @@ over that mapped axis; the loss is the global-batch mean and the same on every d
 """
 
 from contrastive_jax.losses.clip import clip_logits, clip_loss
+from contrastive_jax.losses.clip_ring import ring_clip_loss
 from contrastive_jax.losses.common import l2_normalize
 
-__all__ = ["clip_logits", "clip_loss", "l2_normalize"]
+__all__ = ["clip_logits", "clip_loss", "l2_normalize", "ring_clip_loss"]

@@ -1,0 +1,187 @@
+"""Memory-lean CLIP loss: a ``ppermute`` ring over devices, row blocks inside a device.
+
+The global-view :func:`contrastive_jax.losses.clip.clip_loss` gathers every text (and image)
+embedding and materialises ``[b, B]`` logits per direction on each device. Here the text
+shards travel around the ring of devices instead; at each of the ``W`` ring steps a device
+scores its local images against the visiting texts in row blocks of ``block_size``, and
+keeps only running log-sum-exp statistics:
+
+* per local image, ``lse_i2t[i] = LSE_j s·x̂_i·ŷ_j`` over all ``B`` texts;
+* per visiting text, ``lse_t2i[j] = LSE_i s·x̂_i·ŷ_j`` over all ``B`` images, accumulated
+  while the text travels and home again after ``W`` steps.
+
+A ``jax.custom_vjp`` saves only the (scaled) embeddings and these statistics and recomputes
+the blocks in the backward pass, where a second ring routes each text's gradient back to
+its owner. Peak memory per device is ``O(block_size · b + b · D)`` instead of ``O(b · B)``.
+Values and gradients equal the global-view loss (tested on 1, 2 and 8 devices).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from contrastive_jax.losses import common
+
+
+def _axis_size(axis_name):
+  return 1 if axis_name is None else jax.lax.axis_size(axis_name)
+
+
+def _ring_shift(tree, axis_name):
+  """Sends every device's blocks to the next device on the ring (identity on one)."""
+  size = _axis_size(axis_name)
+  if size == 1:
+    return tree
+  perm = [(i, (i + 1) % size) for i in range(size)]
+  return jax.tree.map(lambda a: jax.lax.ppermute(a, axis_name, perm), tree)
+
+
+def _blocks(x, block_size):
+  """``[b, D] -> [b / c, c, D]`` row blocks (one block when ``c`` does not divide ``b``)."""
+  b = x.shape[0]
+  c = block_size if block_size and b % block_size == 0 else b
+  return x.reshape(b // c, c, x.shape[-1])
+
+
+def _forward_stats(xs, y, axis_name, block_size):
+  """Ring pass: running LSE/argmax statistics of ``Z = xs @ yᵀ`` over the global batch.
+
+  Returns ``(lse_i2t [b], lse_t2i [b], best_text [b], best_image [b])``; ``best_*`` are the
+  global indices of each local row's / local text's highest logit.
+  """
+  b = xs.shape[0]
+  size = _axis_size(axis_name)
+  me = 0 if axis_name is None else jax.lax.axis_index(axis_name)
+  x_blocks = _blocks(xs, block_size)
+  c = x_blocks.shape[1]
+  # full_like keeps the inputs' device-varying type, as scan carries inside shard_map need.
+  neg_inf = jnp.full_like(xs[:, 0], -jnp.inf)
+
+  def ring_step(carry, k):
+    row_lse, row_max, row_arg, visiting = carry
+    y_blk, col_lse, col_max, col_arg = visiting
+    owner = (me - k) % size  # whose texts are visiting
+
+    def block_step(col_carry, inputs):
+      col_lse, col_max, col_arg = col_carry
+      x_blk, first_row = inputs
+      z = x_blk @ y_blk.T  # [c, b]
+      col_lse = jnp.logaddexp(col_lse, jax.nn.logsumexp(z, axis=0))
+      blk_max = jnp.max(z, axis=0)
+      better = blk_max > col_max
+      col_arg = jnp.where(better, me * b + first_row + jnp.argmax(z, axis=0), col_arg)
+      col_max = jnp.maximum(col_max, blk_max)
+      return (col_lse, col_max, col_arg), (jax.nn.logsumexp(z, axis=1), jnp.max(z, axis=1),
+                                           jnp.argmax(z, axis=1))
+
+    first_rows = jnp.arange(x_blocks.shape[0]) * c
+    (col_lse, col_max, col_arg), (lse, mx, arg) = jax.lax.scan(
+        block_step, (col_lse, col_max, col_arg), (x_blocks, first_rows))
+    lse, mx, arg = lse.reshape(b), mx.reshape(b), arg.reshape(b)
+    better = mx > row_max
+    row_arg = jnp.where(better, owner * b + arg, row_arg)
+    row_max = jnp.maximum(row_max, mx)
+    row_lse = jnp.logaddexp(row_lse, lse)
+    visiting = _ring_shift((y_blk, col_lse, col_max, col_arg), axis_name)
+    return (row_lse, row_max, row_arg, visiting), None
+
+  zeros = jnp.zeros_like(xs[:, 0], dtype=jnp.int32)
+  init = (neg_inf, neg_inf, zeros, (y, neg_inf, neg_inf, zeros))
+  (row_lse, _, row_arg, (_, col_lse, _, col_arg)), _ = jax.lax.scan(
+      ring_step, init, jnp.arange(size))
+  return row_lse, col_lse, row_arg, col_arg
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _lse_stats(xs, y, axis_name, block_size):
+  """``(lse_i2t, lse_t2i)`` of ``Z = xs @ yᵀ`` over the global batch (custom gradient)."""
+  row_lse, col_lse, _, _ = _forward_stats(xs, y, axis_name, block_size)
+  return row_lse, col_lse
+
+
+def _lse_stats_fwd(xs, y, axis_name, block_size):
+  row_lse, col_lse, _, _ = _forward_stats(xs, y, axis_name, block_size)
+  return (row_lse, col_lse), (xs, y, row_lse, col_lse)
+
+
+def _lse_stats_bwd(axis_name, block_size, residuals, cotangents):
+  """Recomputes each block: ``dZ = g_row·softmax_rows + g_col·softmax_cols``; a second ring
+  carries each text's statistics, cotangent and gradient accumulator back home."""
+  xs, y, row_lse, col_lse = residuals
+  g_row, g_col = cotangents
+  size = _axis_size(axis_name)
+  x_blocks = _blocks(xs, block_size)
+  n_blocks, c, d = x_blocks.shape
+  row_lse_blocks = row_lse.reshape(n_blocks, c)
+  g_row_blocks = g_row.reshape(n_blocks, c)
+
+  def ring_step(carry, _):
+    gx_blocks, visiting = carry
+    y_blk, col_lse_blk, g_col_blk, gy_blk = visiting
+
+    def block_step(gy_blk, inputs):
+      x_blk, lse_blk, g_blk = inputs
+      z = x_blk @ y_blk.T
+      dz = (g_blk[:, None] * jnp.exp(z - lse_blk[:, None])
+            + g_col_blk[None, :] * jnp.exp(z - col_lse_blk[None, :]))
+      return gy_blk + dz.T @ x_blk, dz @ y_blk
+
+    gy_blk, gx_new = jax.lax.scan(block_step, gy_blk, (x_blocks, row_lse_blocks, g_row_blocks))
+    visiting = _ring_shift((y_blk, col_lse_blk, g_col_blk, gy_blk), axis_name)
+    return (gx_blocks + gx_new, visiting), None
+
+  init = (jnp.zeros_like(x_blocks), (y, col_lse, g_col, jnp.zeros_like(y)))
+  (gx_blocks, (_, _, _, gy)), _ = jax.lax.scan(ring_step, init, None, length=size)
+  return gx_blocks.reshape(xs.shape), gy
+
+
+_lse_stats.defvjp(_lse_stats_fwd, _lse_stats_bwd)
+
+
+def ring_clip_loss(image_emb, text_emb, logit_scale, *, block_size=None, axis_name=None):
+  """Symmetric InfoNCE over the global batch without materialising the global logits.
+
+  Same contract, value, gradients and metrics as
+  :func:`contrastive_jax.losses.clip.clip_loss`.
+
+  Args:
+    image_emb: ``[b, D]`` image embeddings (local shard when ``axis_name`` is given).
+    text_emb: ``[b, D]`` paired text embeddings.
+    logit_scale: scalar ``s = exp(θ)``.
+    block_size: rows of local images scored at once (must divide ``b``; None: all ``b``).
+      Peak logits memory per device is ``block_size × b`` floats.
+    axis_name: mapped data axis (inside ``shard_map`` / ``pmap``), or None.
+
+  Returns:
+    ``(loss, metrics)`` with ``i2t_acc``, ``t2i_acc``, ``pos_logit``, ``neg_logit``.
+  """
+  x = common.l2_normalize(image_emb)
+  y = common.l2_normalize(text_emb)
+  scale = jnp.asarray(logit_scale, jnp.float32)
+  xs = scale * x
+  b = x.shape[0]
+  global_b = b * _axis_size(axis_name)
+  row_lse, col_lse = _lse_stats(xs, y, axis_name, block_size)
+  pos = jnp.sum(xs * y, axis=1)
+  loss = common.global_sum(jnp.sum(row_lse - pos) + jnp.sum(col_lse - pos), axis_name)
+  loss = loss / (2 * global_b)
+
+  # Metrics (no gradient): argmax hits from the same ring; the sum of every logit is
+  # s · (Σ x̂) · (Σ ŷ), so the negative mean needs no extra pass.
+  _, _, best_text, best_image = _forward_stats(*jax.lax.stop_gradient((xs, y)), axis_name,
+                                               block_size)
+  own = common.shard_offset(b, axis_name) + jnp.arange(b)
+  total = lambda v: common.global_sum(v, axis_name)
+  pos_sum = total(jnp.sum(pos))
+  all_sum = jnp.dot(total(jnp.sum(xs, axis=0)), total(jnp.sum(y, axis=0)))
+  num_neg = global_b * (global_b - 1)
+  metrics = {
+      "i2t_acc": total(jnp.sum(best_text == own)) / global_b,
+      "t2i_acc": total(jnp.sum(best_image == own)) / global_b,
+      "pos_logit": pos_sum / global_b,
+      "neg_logit": (all_sum - pos_sum) / num_neg if num_neg else 0.0,
+  }
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
