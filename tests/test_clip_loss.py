@@ -111,3 +111,21 @@ def test_pmap_value_and_gradient_match_single_device():
   loss, gx = jax.pmap(local, axis_name="data")(x.reshape(8, 2, 8), y.reshape(8, 2, 8))
   np.testing.assert_allclose(loss, np.full(8, ref_loss), rtol=1e-6)
   np.testing.assert_allclose(gx.reshape(16, 8), ref_gx, rtol=1e-5, atol=1e-6)
+
+
+def test_convirt_weighting_closed_forms():
+  x, y = _embeddings()
+  tau = 0.1
+  clip_value, _ = losses.clip_loss(x, y, 1 / tau)
+  half, _ = losses.convirt_loss(x, y, temperature=tau, i2t_weight=0.5)
+  np.testing.assert_allclose(half, clip_value, rtol=1e-6)  # λ = ½ is CLIP at scale 1/τ
+  # λ = 1 keeps only image->text: mean_i [LSE_j Z_ij - Z_ii].
+  z = losses.l2_normalize(x) @ losses.l2_normalize(y).T / tau
+  i2t = jnp.mean(jax.nn.logsumexp(z, axis=1) - jnp.diag(z))
+  t2i = jnp.mean(jax.nn.logsumexp(z, axis=0) - jnp.diag(z))
+  np.testing.assert_allclose(losses.convirt_loss(x, y, temperature=tau, i2t_weight=1.0)[0], i2t,
+                             rtol=1e-5)
+  np.testing.assert_allclose(losses.convirt_loss(x, y, temperature=tau)[0],
+                             0.75 * i2t + 0.25 * t2i, rtol=1e-5)
+  same = jnp.ones((6, 4))
+  np.testing.assert_allclose(losses.convirt_loss(same, same)[0], math.log(6), rtol=1e-5)

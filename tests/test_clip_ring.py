@@ -97,3 +97,25 @@ def test_memory_grows_linearly_in_batch():
   assert ring_slope <= 1.05, rows
   assert reference_slope >= 1.4, rows
   assert all(lean < ref for _, ref, lean in rows)
+
+
+@pytest.mark.parametrize("weight", [0.75, 1.0])
+def test_weighted_directions_ring_matches_reference(weight):
+  """ConVIRT's λ-weighted form: ring == global view, values and gradients, 8 devices."""
+  x, y = _embeddings()
+  s = jnp.float32(10.0)
+  (loss, metrics), grads = jax.value_and_grad(
+      lambda x, y, s: clip_loss(x, y, s, i2t_weight=weight), argnums=(0, 1, 2),
+      has_aux=True)(x, y, s)
+  mesh = parallel.make_mesh(8)
+
+  def local(x, y, s):
+    fn = lambda x, y, s: ring_clip_loss(x, y, s, i2t_weight=weight, block_size=2,
+                                        axis_name="data")
+    return jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)(x, y, s)
+
+  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data"), P()),
+                             out_specs=((P(), P()), (P("data"), P("data"), P()))))
+  sharding = parallel.batch_sharding(mesh)
+  (got, got_metrics), got_grads = fn(jax.device_put(x, sharding), jax.device_put(y, sharding), s)
+  _assert_match((got, got_metrics, got_grads), (loss, metrics, grads))

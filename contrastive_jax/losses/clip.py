@@ -45,16 +45,18 @@ def _row_stats(logits, labels):
   return xent, hit, positive
 
 
-def clip_loss(image_emb, text_emb, logit_scale, *, axis_name=None):
+def clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, axis_name=None):
   """Symmetric InfoNCE over the global batch.
 
-  ``L = ½ (mean_i CE(Z_i·, i) + mean_j CE(Z_·j, j))`` with ``Z = s · x̂ ŷᵀ`` over all ``B``
-  pairs. Embeddings are L2-normalised inside, in float32.
+  ``L = w · mean_i CE(Z_i·, i) + (1 − w) · mean_j CE(Z_·j, j)`` with ``Z = s · x̂ ŷᵀ`` over
+  all ``B`` pairs and ``w = i2t_weight`` (½: CLIP; ConVIRT's λ otherwise). Embeddings are
+  L2-normalised inside, in float32.
 
   Args:
     image_emb: ``[b, D]`` image embeddings, the local shard when ``axis_name`` is given.
     text_emb: ``[b, D]`` text embeddings paired row by row with ``image_emb``.
     logit_scale: scalar ``s = exp(θ)`` (the scale itself, not its log).
+    i2t_weight: weight of the image→text direction; the text→image one gets ``1 − w``.
     axis_name: name of the mapped data axis (inside ``shard_map`` / ``pmap``), or None.
 
   Returns:
@@ -72,7 +74,7 @@ def clip_loss(image_emb, text_emb, logit_scale, *, axis_name=None):
   def mean(local_sum, count):
     return common.global_sum(local_sum, axis_name) / count
 
-  loss = mean(jnp.sum(xent_i2t) + jnp.sum(xent_t2i), 2 * global_b)
+  loss = mean(i2t_weight * jnp.sum(xent_i2t) + (1 - i2t_weight) * jnp.sum(xent_t2i), global_b)
   num_neg = global_b * (global_b - 1)
   metrics = {
       "i2t_acc": mean(jnp.sum(hit_i2t), global_b),
@@ -82,3 +84,11 @@ def clip_loss(image_emb, text_emb, logit_scale, *, axis_name=None):
   }
   metrics = jax.tree.map(jax.lax.stop_gradient, metrics)
   return loss, metrics
+
+
+def convirt_loss(image_emb, text_emb, *, temperature=0.1, i2t_weight=0.75, axis_name=None):
+  """ConVIRT (METHODS.md §1.15): CLIP's loss at a fixed scale ``1/τ`` with the image→text
+  direction weighted ``λ = i2t_weight`` and text→image ``1 − λ``; no intra-modal negatives.
+  Shapes, contract and metrics as :func:`clip_loss`."""
+  return clip_loss(image_emb, text_emb, 1.0 / temperature, i2t_weight=i2t_weight,
+                   axis_name=axis_name)

@@ -141,7 +141,8 @@ def _lse_stats_bwd(axis_name, block_size, residuals, cotangents):
 _lse_stats.defvjp(_lse_stats_fwd, _lse_stats_bwd)
 
 
-def ring_clip_loss(image_emb, text_emb, logit_scale, *, block_size=None, axis_name=None):
+def ring_clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, block_size=None,
+                   axis_name=None):
   """Symmetric InfoNCE over the global batch without materialising the global logits.
 
   Same contract, value, gradients and metrics as
@@ -151,6 +152,7 @@ def ring_clip_loss(image_emb, text_emb, logit_scale, *, block_size=None, axis_na
     image_emb: ``[b, D]`` image embeddings (local shard when ``axis_name`` is given).
     text_emb: ``[b, D]`` paired text embeddings.
     logit_scale: scalar ``s = exp(θ)``.
+    i2t_weight: weight of the image→text direction (½: CLIP; ConVIRT's λ otherwise).
     block_size: rows of local images scored at once (must divide ``b``; None: all ``b``).
       Peak logits memory per device is ``block_size × b`` floats.
     axis_name: mapped data axis (inside ``shard_map`` / ``pmap``), or None.
@@ -166,8 +168,9 @@ def ring_clip_loss(image_emb, text_emb, logit_scale, *, block_size=None, axis_na
   global_b = b * _axis_size(axis_name)
   row_lse, col_lse = _lse_stats(xs, y, axis_name, block_size)
   pos = jnp.sum(xs * y, axis=1)
-  loss = common.global_sum(jnp.sum(row_lse - pos) + jnp.sum(col_lse - pos), axis_name)
-  loss = loss / (2 * global_b)
+  loss = common.global_sum(
+      i2t_weight * jnp.sum(row_lse - pos) + (1 - i2t_weight) * jnp.sum(col_lse - pos), axis_name)
+  loss = loss / global_b
 
   # Metrics (no gradient): argmax hits from the same ring; the sum of every logit is
   # s · (Σ x̂) · (Σ ŷ), so the negative mean needs no extra pass.

@@ -4,9 +4,9 @@
 see :mod:`contrastive_jax.objectives.base` for the interface.
 """
 
-from contrastive_jax.objectives.clip import Clip
+from contrastive_jax.objectives.clip import Clip, Convirt
 
-OBJECTIVES = {"clip": Clip}
+OBJECTIVES = {"clip": Clip, "convirt": Convirt}
 
 
 def make_objective(config, tokenizer):

@@ -27,3 +27,22 @@ class Clip:
                                      axis_name=axis_name)
     metrics["logit_scale"] = out["logit_scale"]
     return loss, (metrics, state)
+
+
+class Convirt(Clip):
+  """ConVIRT: the CLIP towers trained with :func:`contrastive_jax.losses.convirt_loss`
+  (fixed temperature ``config.loss.temperature``, image→text weight ``config.loss.i2t_weight``).
+  The model's learnable logit scale is unused."""
+
+  def __init__(self, config, tokenizer):
+    super().__init__(config, tokenizer)
+    self.temperature = config.loss.temperature
+    self.i2t_weight = config.loss.i2t_weight
+
+  def loss(self, params, state, batch, rng, *, axis_name=None):
+    del rng
+    out = self.model.apply({"params": params}, batch["image"], batch["text"], batch["text_mask"])
+    loss, metrics = losses.convirt_loss(out["image_emb"], out["text_emb"],
+                                        temperature=self.temperature,
+                                        i2t_weight=self.i2t_weight, axis_name=axis_name)
+    return loss, (metrics, state)
