@@ -97,21 +97,21 @@ def _forward_stats(xs, y, axis_name, block_size):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _lse_stats(xs, y, axis_name, block_size):
-  """``(lse_i2t, lse_t2i)`` of ``Z = xs @ yᵀ`` over the global batch (custom gradient)."""
-  row_lse, col_lse, _, _ = _forward_stats(xs, y, axis_name, block_size)
-  return row_lse, col_lse
+  """``(lse_i2t, lse_t2i, best_text, best_image)`` of ``Z = xs @ yᵀ`` over the global batch,
+  with a custom gradient for the two LSE outputs (the argmax indices are integers)."""
+  return _forward_stats(xs, y, axis_name, block_size)
 
 
 def _lse_stats_fwd(xs, y, axis_name, block_size):
-  row_lse, col_lse, _, _ = _forward_stats(xs, y, axis_name, block_size)
-  return (row_lse, col_lse), (xs, y, row_lse, col_lse)
+  stats = _forward_stats(xs, y, axis_name, block_size)
+  return stats, (xs, y, stats[0], stats[1])
 
 
 def _lse_stats_bwd(axis_name, block_size, residuals, cotangents):
   """Recomputes each block: ``dZ = g_row·softmax_rows + g_col·softmax_cols``; a second ring
   carries each text's statistics, cotangent and gradient accumulator back home."""
   xs, y, row_lse, col_lse = residuals
-  g_row, g_col = cotangents
+  g_row, g_col = cotangents[:2]
   size = _axis_size(axis_name)
   x_blocks = _blocks(xs, block_size)
   n_blocks, c, d = x_blocks.shape
@@ -166,16 +166,14 @@ def ring_clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, block_si
   xs = scale * x
   b = x.shape[0]
   global_b = b * _axis_size(axis_name)
-  row_lse, col_lse = _lse_stats(xs, y, axis_name, block_size)
+  row_lse, col_lse, best_text, best_image = _lse_stats(xs, y, axis_name, block_size)
   pos = jnp.sum(xs * y, axis=1)
   loss = common.global_sum(
       i2t_weight * jnp.sum(row_lse - pos) + (1 - i2t_weight) * jnp.sum(col_lse - pos), axis_name)
   loss = loss / global_b
 
-  # Metrics (no gradient): argmax hits from the same ring; the sum of every logit is
-  # s · (Σ x̂) · (Σ ŷ), so the negative mean needs no extra pass.
-  _, _, best_text, best_image = _forward_stats(*jax.lax.stop_gradient((xs, y)), axis_name,
-                                               block_size)
+  # Metrics (no gradient): argmax hits come from the same ring pass; the sum of every logit
+  # is s · (Σ x̂) · (Σ ŷ), so the negative mean needs no extra pass.
   own = common.shard_offset(b, axis_name) + jnp.arange(b)
   total = lambda v: common.global_sum(v, axis_name)
   pos_sum = total(jnp.sum(pos))
