@@ -142,6 +142,17 @@ def test_padding_invariance_both_sides():
   assert np.all(np.abs(np.asarray(ref_gx))[np.asarray(image_mask)].sum(-1) > 0)
 
 
+def test_late_interaction_scores_ignore_unzeroed_padding():
+  # The public helper itself must not rely on padded tokens having been zeroed.
+  image, text, text_mask, image_mask = _tokens(seed=12)
+  unit = lambda v: v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+  zeroed = lambda v, m: jnp.where(m[..., None], unit(v), 0.0)
+  ref = filip.late_interaction_scores(
+      zeroed(image, image_mask), image_mask, zeroed(text, text_mask), text_mask)
+  raw = filip.late_interaction_scores(unit(image), image_mask, unit(text), text_mask)
+  np.testing.assert_allclose(raw, ref, rtol=1e-6, atol=1e-7)
+
+
 def test_fully_masked_text_row_is_finite_with_zero_gradient():
   image, text, text_mask, image_mask = _tokens(seed=7)
   text_mask = text_mask.at[3].set(False)

@@ -45,7 +45,7 @@ def late_interaction_scores(query_tokens, query_mask, key_tokens, key_mask):
   best = jnp.max(sim, axis=-1)  # [n, m, Tq]: best key token for every query token.
   best = jnp.where(jnp.any(key_mask, axis=-1)[None, :, None], best, 0.0)
   best = jnp.where(query_mask[:, None, :], best, 0.0)
-  count = jnp.full(query_mask.shape[:1], query_mask.shape[1], jnp.float32)
+  count = jnp.maximum(jnp.sum(query_mask, axis=-1), 1).astype(jnp.float32)
   return jnp.sum(best, axis=-1) / count[:, None]
 
 
