@@ -25,15 +25,16 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
   from contrastive_jax.losses import memory_profile  # imports jax after the flag is set
   batches = [int(b) for b in args.batches.split(",")]
-  rows = memory_profile.clip_memory_table(batches, args.dim, args.devices, args.block_size)
-  print(f"clip loss, value_and_grad, {args.devices} devices, D={args.dim}, "
-        f"block {args.block_size}: per-device temp MiB")
-  print("| global batch | reference | ring (lean) |")
-  print("|---|---|---|")
-  for b, ref, lean in rows:
-    print(f"| {b} | {ref / 2**20:.2f} | {lean / 2**20:.2f} |")
-  ref_slope, lean_slope = memory_profile.loglog_slopes(rows)
-  print(f"log-log slope in batch: reference {ref_slope:.2f}, ring {lean_slope:.2f}")
+  print(f"value_and_grad, {args.devices} devices, D={args.dim}, block {args.block_size}: "
+        "per-device temp MiB")
+  print("| loss | global batch | reference | ring (lean) |")
+  print("|---|---|---|---|")
+  for name in memory_profile.LOSSES:
+    rows = memory_profile.memory_table(name, batches, args.dim, args.devices, args.block_size)
+    for b, ref, lean in rows:
+      print(f"| {name} | {b} | {ref / 2**20:.2f} | {lean / 2**20:.2f} |")
+    ref_slope, lean_slope = memory_profile.loglog_slopes(rows)
+    print(f"| {name} | log-log slope | {ref_slope:.2f} | {lean_slope:.2f} |")
 
 
 if __name__ == "__main__":

@@ -9,5 +9,6 @@ from contrastive_jax import shapes_config
 
 def get_config(arg=None):
   config = shapes_config.image_text(arg, objective="convirt")
-  config.loss = dict(temperature=0.1, i2t_weight=0.75)
+  config.loss.temperature = 0.1
+  config.loss.i2t_weight = 0.75
   return config

@@ -10,6 +10,7 @@
 import math
 
 import ml_collections
+from ml_collections import config_dict
 
 from contrastive_jax.config_args import parse_arg
 
@@ -39,6 +40,9 @@ def image_text(arg=None, *, objective: str) -> ml_collections.ConfigDict:
       image=dict(patch_size=8, width=width, depth=1 if tiny else 3, num_heads=4, pool="cls"),
       text=dict(width=width, depth=1 if tiny else 2, num_heads=4),
   )
+
+  # Rows of local images scored at once by the ring losses (None: the whole local batch).
+  c.loss = dict(block_size=config_dict.placeholder(int))
 
   c.optimizer = dict(learning_rate=3e-3, warmup_steps=5 if tiny else 100, end_factor=0.0,
                      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, grad_clip_norm=1.0,

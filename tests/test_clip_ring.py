@@ -90,9 +90,10 @@ def test_bfloat16_inputs():
   np.testing.assert_allclose(grads[0].astype(jnp.float32), ref_grads[0], rtol=2e-2, atol=1e-3)
 
 
-def test_memory_grows_linearly_in_batch():
-  rows = memory_profile.clip_memory_table([512, 1024, 2048], dim=64, num_devices=8,
-                                          block_size=32)
+@pytest.mark.parametrize("name", memory_profile.LOSSES)
+def test_memory_grows_linearly_in_batch(name):
+  rows = memory_profile.memory_table(name, [512, 1024, 2048], dim=64, num_devices=8,
+                                     block_size=32)
   reference_slope, ring_slope = memory_profile.loglog_slopes(rows)
   assert ring_slope <= 1.05, rows
   assert reference_slope >= 1.4, rows

@@ -67,7 +67,24 @@ def clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, axis_name=Non
   """
   logits_i2t, logits_t2i, labels = clip_logits(
       image_emb, text_emb, logit_scale, axis_name=axis_name)
-  b, global_b = logits_i2t.shape
+  return infonce_from_logits(logits_i2t, logits_t2i, labels, i2t_weight=i2t_weight,
+                             axis_name=axis_name)
+
+
+def infonce_from_logits(logits_i2t, logits_t2i, labels, *, i2t_weight=0.5, axis_name=None):
+  """Two-direction InfoNCE and its metrics from local-row logits (shared by CLIP and FILIP).
+
+  Args:
+    logits_i2t: float32 ``[b, B]`` image-anchored logits of the local rows.
+    logits_t2i: float32 ``[b, B]`` text-anchored logits of the local rows.
+    labels: int ``[b]`` global column index of each row's positive.
+    i2t_weight: weight ``w`` of the image→text direction; text→image gets ``1 − w``.
+    axis_name: mapped data axis, or None.
+
+  Returns:
+    ``(loss, metrics)`` as :func:`clip_loss` describes them.
+  """
+  global_b = logits_i2t.shape[1]
   xent_i2t, hit_i2t, pos = _row_stats(logits_i2t, labels)
   xent_t2i, hit_t2i, _ = _row_stats(logits_t2i, labels)
 

@@ -23,87 +23,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from contrastive_jax.losses import common
-
-
-def _axis_size(axis_name):
-  return 1 if axis_name is None else jax.lax.axis_size(axis_name)
-
-
-def _ring_shift(tree, axis_name):
-  """Sends every device's blocks to the next device on the ring (identity on one)."""
-  size = _axis_size(axis_name)
-  if size == 1:
-    return tree
-  perm = [(i, (i + 1) % size) for i in range(size)]
-  return jax.tree.map(lambda a: jax.lax.ppermute(a, axis_name, perm), tree)
-
-
-def _blocks(x, block_size):
-  """``[b, D] -> [b / c, c, D]`` row blocks (one block when ``c`` does not divide ``b``)."""
-  b = x.shape[0]
-  c = block_size if block_size and b % block_size == 0 else b
-  return x.reshape(b // c, c, x.shape[-1])
-
-
-def _forward_stats(xs, y, axis_name, block_size):
-  """Ring pass: running LSE/argmax statistics of ``Z = xs @ yᵀ`` over the global batch.
-
-  Returns ``(lse_i2t [b], lse_t2i [b], best_text [b], best_image [b])``; ``best_*`` are the
-  global indices of each local row's / local text's highest logit.
-  """
-  b = xs.shape[0]
-  size = _axis_size(axis_name)
-  me = 0 if axis_name is None else jax.lax.axis_index(axis_name)
-  x_blocks = _blocks(xs, block_size)
-  c = x_blocks.shape[1]
-  # full_like keeps the inputs' device-varying type, as scan carries inside shard_map need.
-  neg_inf = jnp.full_like(xs[:, 0], -jnp.inf)
-
-  def ring_step(carry, k):
-    row_lse, row_max, row_arg, visiting = carry
-    y_blk, col_lse, col_max, col_arg = visiting
-    owner = (me - k) % size  # whose texts are visiting
-
-    def block_step(col_carry, inputs):
-      col_lse, col_max, col_arg = col_carry
-      x_blk, first_row = inputs
-      z = x_blk @ y_blk.T  # [c, b]
-      col_lse = jnp.logaddexp(col_lse, jax.nn.logsumexp(z, axis=0))
-      blk_max = jnp.max(z, axis=0)
-      better = blk_max > col_max
-      col_arg = jnp.where(better, me * b + first_row + jnp.argmax(z, axis=0), col_arg)
-      col_max = jnp.maximum(col_max, blk_max)
-      return (col_lse, col_max, col_arg), (jax.nn.logsumexp(z, axis=1), jnp.max(z, axis=1),
-                                           jnp.argmax(z, axis=1))
-
-    first_rows = jnp.arange(x_blocks.shape[0]) * c
-    (col_lse, col_max, col_arg), (lse, mx, arg) = jax.lax.scan(
-        block_step, (col_lse, col_max, col_arg), (x_blocks, first_rows))
-    lse, mx, arg = lse.reshape(b), mx.reshape(b), arg.reshape(b)
-    better = mx > row_max
-    row_arg = jnp.where(better, owner * b + arg, row_arg)
-    row_max = jnp.maximum(row_max, mx)
-    row_lse = jnp.logaddexp(row_lse, lse)
-    visiting = _ring_shift((y_blk, col_lse, col_max, col_arg), axis_name)
-    return (row_lse, row_max, row_arg, visiting), None
-
-  zeros = jnp.zeros_like(xs[:, 0], dtype=jnp.int32)
-  init = (neg_inf, neg_inf, zeros, (y, neg_inf, neg_inf, zeros))
-  (row_lse, _, row_arg, (_, col_lse, _, col_arg)), _ = jax.lax.scan(
-      ring_step, init, jnp.arange(size))
-  return row_lse, col_lse, row_arg, col_arg
+from contrastive_jax.losses import common, ring
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _lse_stats(xs, y, axis_name, block_size):
   """``(lse_i2t, lse_t2i, best_text, best_image)`` of ``Z = xs @ yᵀ`` over the global batch,
   with a custom gradient for the two LSE outputs (the argmax indices are integers)."""
-  return _forward_stats(xs, y, axis_name, block_size)
+  return ring.lse_argmax_stats(xs, y, axis_name, block_size)
 
 
 def _lse_stats_fwd(xs, y, axis_name, block_size):
-  stats = _forward_stats(xs, y, axis_name, block_size)
+  stats = ring.lse_argmax_stats(xs, y, axis_name, block_size)
   return stats, (xs, y, stats[0], stats[1])
 
 
@@ -112,8 +43,8 @@ def _lse_stats_bwd(axis_name, block_size, residuals, cotangents):
   carries each text's statistics, cotangent and gradient accumulator back home."""
   xs, y, row_lse, col_lse = residuals
   g_row, g_col = cotangents[:2]
-  size = _axis_size(axis_name)
-  x_blocks = _blocks(xs, block_size)
+  size = ring.axis_size(axis_name)
+  x_blocks = ring.row_blocks(xs, block_size)
   n_blocks, c, d = x_blocks.shape
   row_lse_blocks = row_lse.reshape(n_blocks, c)
   g_row_blocks = g_row.reshape(n_blocks, c)
@@ -130,7 +61,7 @@ def _lse_stats_bwd(axis_name, block_size, residuals, cotangents):
       return gy_blk + dz.T @ x_blk, dz @ y_blk
 
     gy_blk, gx_new = jax.lax.scan(block_step, gy_blk, (x_blocks, row_lse_blocks, g_row_blocks))
-    visiting = _ring_shift((y_blk, col_lse_blk, g_col_blk, gy_blk), axis_name)
+    visiting = ring.ring_shift((y_blk, col_lse_blk, g_col_blk, gy_blk), axis_name)
     return (gx_blocks + gx_new, visiting), None
 
   init = (jnp.zeros_like(x_blocks), (y, col_lse, g_col, jnp.zeros_like(y)))
@@ -165,7 +96,7 @@ def ring_clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, block_si
   scale = jnp.asarray(logit_scale, jnp.float32)
   xs = scale * x
   b = x.shape[0]
-  global_b = b * _axis_size(axis_name)
+  global_b = b * ring.axis_size(axis_name)
   row_lse, col_lse, best_text, best_image = _lse_stats(xs, y, axis_name, block_size)
   pos = jnp.sum(xs * y, axis=1)
   loss = common.global_sum(

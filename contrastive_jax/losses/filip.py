@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from contrastive_jax.losses import common
+from contrastive_jax.losses.clip import infonce_from_logits
 
 # Stands in for a padded token's similarity before the max: far below any cosine, finite so
 # fully masked rows stay NaN-free.
@@ -128,14 +129,6 @@ def filip_scores(image_tokens, text_tokens, text_mask, *, image_mask=None, axis_
   return scores_i2t, scores_t2i, labels
 
 
-def _row_stats(logits, labels):
-  """Per-row cross-entropy, top-1 hit and positive logit for integer ``labels``."""
-  positive = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-  xent = jax.nn.logsumexp(logits, axis=1) - positive
-  hit = (jnp.argmax(logits, axis=1) == labels).astype(jnp.float32)
-  return xent, hit, positive
-
-
 def filip_loss(image_tokens, text_tokens, text_mask, logit_scale, *, image_mask=None,
                keep_image_tokens=None, rng=None, axis_name=None):
   """Symmetric InfoNCE over token-wise late-interaction similarities of the global batch.
@@ -181,22 +174,5 @@ def filip_loss(image_tokens, text_tokens, text_mask, logit_scale, *, image_mask=
   scores_i2t, scores_t2i, labels = filip_scores(
       image_tokens, text_tokens, text_mask, image_mask=image_mask, axis_name=axis_name)
   scale = jnp.asarray(logit_scale, jnp.float32)
-  logits_i2t = scale * scores_i2t
-  logits_t2i = scale * scores_t2i
-  global_b = logits_i2t.shape[1]
-  xent_i2t, hit_i2t, pos = _row_stats(logits_i2t, labels)
-  xent_t2i, hit_t2i, _ = _row_stats(logits_t2i, labels)
-
-  def mean(local_sum, count):
-    return common.global_sum(local_sum, axis_name) / count
-
-  loss = mean(jnp.sum(xent_i2t) + jnp.sum(xent_t2i), 2 * global_b)
-  num_neg = global_b * (global_b - 1)
-  metrics = {
-      "i2t_acc": mean(jnp.sum(hit_i2t), global_b),
-      "t2i_acc": mean(jnp.sum(hit_t2i), global_b),
-      "pos_logit": mean(jnp.sum(pos), global_b),
-      "neg_logit": mean(jnp.sum(logits_i2t) - jnp.sum(pos), num_neg) if num_neg else 0.0,
-  }
-  metrics = jax.tree.map(jax.lax.stop_gradient, metrics)
-  return loss, metrics
+  return infonce_from_logits(scale * scores_i2t, scale * scores_t2i, labels,
+                             axis_name=axis_name)

@@ -11,6 +11,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from contrastive_jax.losses.clip import clip_loss
 from contrastive_jax.losses.clip_ring import ring_clip_loss
+from contrastive_jax.losses.siglip import siglip_loss
+from contrastive_jax.losses.siglip_ring import ring_siglip_loss
 
 
 def temp_bytes(loss_fn, global_batch: int, dim: int, num_devices: int) -> int:
@@ -32,12 +34,26 @@ def temp_bytes(loss_fn, global_batch: int, dim: int, num_devices: int) -> int:
   return fn.lower(spec, spec, scale).compile().memory_analysis().temp_size_in_bytes
 
 
-def clip_memory_table(batches: Sequence[int], dim: int, num_devices: int,
-                      block_size: int) -> List[Tuple[int, int, int]]:
-  """``[(B, reference_bytes, ring_bytes)]`` for the CLIP loss."""
-  reference = lambda x, y, s, axis: clip_loss(x, y, s, axis_name=axis)
-  ring = lambda x, y, s, axis: ring_clip_loss(x, y, s, block_size=block_size, axis_name=axis)
-  return [(b, temp_bytes(reference, b, dim, num_devices), temp_bytes(ring, b, dim, num_devices))
+def _pairs(block_size):
+  """loss name -> (global-view reference, lean ring form), as ``fn(x, y, s, axis)``."""
+  return {
+      "clip": (lambda x, y, s, axis: clip_loss(x, y, s, axis_name=axis),
+               lambda x, y, s, axis: ring_clip_loss(x, y, s, block_size=block_size,
+                                                    axis_name=axis)),
+      "siglip": (lambda x, y, s, axis: siglip_loss(x, y, s, -10.0, axis_name=axis),
+                 lambda x, y, s, axis: ring_siglip_loss(x, y, s, -10.0, block_size=block_size,
+                                                        axis_name=axis)),
+  }
+
+
+LOSSES = ("clip", "siglip")
+
+
+def memory_table(name: str, batches: Sequence[int], dim: int, num_devices: int,
+                 block_size: int) -> List[Tuple[int, int, int]]:
+  """``[(B, reference_bytes, ring_bytes)]`` for the loss ``name`` (one of ``LOSSES``)."""
+  reference, lean = _pairs(block_size)[name]
+  return [(b, temp_bytes(reference, b, dim, num_devices), temp_bytes(lean, b, dim, num_devices))
           for b in batches]
 
 
@@ -48,4 +64,4 @@ def loglog_slopes(rows) -> Tuple[float, float]:
   return slope(1), slope(2)
 
 
-__all__ = ["clip_memory_table", "loglog_slopes", "temp_bytes"]
+__all__ = ["LOSSES", "loglog_slopes", "memory_table", "temp_bytes"]

@@ -7,7 +7,9 @@ from contrastive_jax.objectives import base
 
 
 class Clip:
-  """Image-text contrastive pretraining with :func:`contrastive_jax.losses.clip_loss`."""
+  """Image-text contrastive pretraining with CLIP's loss in its memory-lean ring form
+  (:func:`contrastive_jax.losses.ring_clip_loss`, equal to ``clip_loss``); the local rows are
+  scored ``config.loss.block_size`` at a time (absent or None: all at once)."""
 
   batch_keys = ("image", "text", "text_mask")
 
@@ -15,6 +17,7 @@ class Clip:
     self.model = base.two_tower_from_config(
         config.model, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
         logit_scale_init=config.model.get("logit_scale_init", base.TwoTower.logit_scale_init))
+    self.block_size = config.loss.get("block_size") if "loss" in config else None
 
   def init(self, rng, batch):
     variables = self.model.init(rng, batch["image"], batch["text"], batch["text_mask"])
@@ -23,16 +26,16 @@ class Clip:
   def loss(self, params, state, batch, rng, *, axis_name=None):
     del rng  # no stochastic layers
     out = self.model.apply({"params": params}, batch["image"], batch["text"], batch["text_mask"])
-    loss, metrics = losses.clip_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
-                                     axis_name=axis_name)
+    loss, metrics = losses.ring_clip_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
+                                          block_size=self.block_size, axis_name=axis_name)
     metrics["logit_scale"] = out["logit_scale"]
     return loss, (metrics, state)
 
 
 class Convirt(Clip):
-  """ConVIRT: the CLIP towers trained with :func:`contrastive_jax.losses.convirt_loss`
-  (fixed temperature ``config.loss.temperature``, image→text weight ``config.loss.i2t_weight``).
-  The model's learnable logit scale is unused."""
+  """ConVIRT: the CLIP towers trained with ConVIRT's loss (``convirt_loss``, here in its ring
+  form): fixed temperature ``config.loss.temperature``, image→text weight
+  ``config.loss.i2t_weight``. The model's learnable logit scale is unused."""
 
   def __init__(self, config, tokenizer):
     super().__init__(config, tokenizer)
@@ -42,7 +45,7 @@ class Convirt(Clip):
   def loss(self, params, state, batch, rng, *, axis_name=None):
     del rng
     out = self.model.apply({"params": params}, batch["image"], batch["text"], batch["text_mask"])
-    loss, metrics = losses.convirt_loss(out["image_emb"], out["text_emb"],
-                                        temperature=self.temperature,
-                                        i2t_weight=self.i2t_weight, axis_name=axis_name)
+    loss, metrics = losses.ring_clip_loss(out["image_emb"], out["text_emb"],
+                                          1.0 / self.temperature, i2t_weight=self.i2t_weight,
+                                          block_size=self.block_size, axis_name=axis_name)
     return loss, (metrics, state)
