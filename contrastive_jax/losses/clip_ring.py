@@ -103,17 +103,5 @@ def ring_clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, block_si
       i2t_weight * jnp.sum(row_lse - pos) + (1 - i2t_weight) * jnp.sum(col_lse - pos), axis_name)
   loss = loss / global_b
 
-  # Metrics (no gradient): argmax hits come from the same ring pass; the sum of every logit
-  # is s · (Σ x̂) · (Σ ŷ), so the negative mean needs no extra pass.
-  own = common.shard_offset(b, axis_name) + jnp.arange(b)
-  total = lambda v: common.global_sum(v, axis_name)
-  pos_sum = total(jnp.sum(pos))
-  all_sum = jnp.dot(total(jnp.sum(xs, axis=0)), total(jnp.sum(y, axis=0)))
-  num_neg = global_b * (global_b - 1)
-  metrics = {
-      "i2t_acc": total(jnp.sum(best_text == own)) / global_b,
-      "t2i_acc": total(jnp.sum(best_image == own)) / global_b,
-      "pos_logit": pos_sum / global_b,
-      "neg_logit": (all_sum - pos_sum) / num_neg if num_neg else 0.0,
-  }
-  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+  # Metrics: argmax hits come from the same ring pass.
+  return loss, ring.pair_metrics(xs, y, pos, best_text, best_image, axis_name)

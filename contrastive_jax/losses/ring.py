@@ -78,3 +78,35 @@ def lse_argmax_stats(xs, y, axis_name, block_size):
   (row_lse, _, row_arg, (_, col_lse, _, col_arg)), _ = jax.lax.scan(
       ring_step, init, jnp.arange(size))
   return row_lse, col_lse, row_arg, col_arg
+
+
+def pair_metrics(xs, y, pos, best_text, best_image, axis_name, logit_bias=0.0):
+  """In-batch retrieval metrics of a ring loss, without another pass over the blocks.
+
+  Args:
+    xs: ``[b, D]`` scaled normalised images; y: ``[b, D]`` normalised texts (local shards).
+    pos: ``[b]`` logits of the local positive pairs.
+    best_text, best_image: int ``[b]`` global argmax indices from :func:`lse_argmax_stats`.
+    axis_name: mapped data axis, or None.
+    logit_bias: scalar added to every logit (SigLIP), counted in the negative mean.
+
+  Returns:
+    ``i2t_acc``, ``t2i_acc``, ``pos_logit``, ``neg_logit`` (stop-gradient). The sum of all
+    logits is ``(Σ xs) · (Σ y) + B² · bias``, so the negative mean needs no extra ring.
+  """
+  b = xs.shape[0]
+  global_b = b * axis_size(axis_name)
+  total = (lambda v: v) if axis_name is None else (lambda v: jax.lax.psum(v, axis_name))
+  offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
+  own = offset + jnp.arange(b)
+  pos_sum = total(jnp.sum(pos))
+  all_sum = (jnp.dot(total(jnp.sum(xs, axis=0)), total(jnp.sum(y, axis=0)))
+             + global_b * global_b * logit_bias)
+  num_neg = global_b * (global_b - 1)
+  metrics = {
+      "i2t_acc": total(jnp.sum(best_text == own)) / global_b,
+      "t2i_acc": total(jnp.sum(best_image == own)) / global_b,
+      "pos_logit": pos_sum / global_b,
+      "neg_logit": (all_sum - pos_sum) / num_neg if num_neg else 0.0,
+  }
+  return jax.tree.map(jax.lax.stop_gradient, metrics)

@@ -102,21 +102,11 @@ def ring_siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, block_size
   local = _ring_softplus_sum(xs, y, bias, axis_name, block_size) - jnp.sum(pos)
   loss = common.global_sum(local, axis_name) / global_b
 
-  # Metrics (no gradient): the bias does not move an argmax, so CLIP's ring statistics
-  # give the retrieval hits; the sum of all logits is t·(Σx̂)·(Σŷ) + B²·b.
+  # Metrics: the bias does not move an argmax, so CLIP's ring statistics give the hits.
   stop = jax.lax.stop_gradient
   _, _, best_text, best_image = ring.lse_argmax_stats(stop(xs), stop(y), axis_name, block_size)
-  own = common.shard_offset(b, axis_name) + jnp.arange(b)
-  total = lambda v: common.global_sum(v, axis_name)
-  pos_sum = total(jnp.sum(pos))
-  all_sum = (jnp.dot(total(jnp.sum(xs, axis=0)), total(jnp.sum(y, axis=0)))
-             + global_b * global_b * jnp.asarray(logit_bias, jnp.float32))
-  num_neg = global_b * (global_b - 1)
-  metrics = {
-      "i2t_acc": total(jnp.sum(best_text == own)) / global_b,
-      "t2i_acc": total(jnp.sum(best_image == own)) / global_b,
-      "pos_logit": pos_sum / global_b,
-      "neg_logit": (all_sum - pos_sum) / num_neg if num_neg else 0.0,
-      "pos_prob": total(jnp.sum(jax.nn.sigmoid(pos))) / global_b,
-  }
-  return loss, jax.tree.map(stop, metrics)
+  metrics = ring.pair_metrics(xs, y, pos, best_text, best_image, axis_name,
+                              jnp.asarray(logit_bias, jnp.float32))
+  metrics["pos_prob"] = stop(common.global_sum(jnp.sum(jax.nn.sigmoid(pos)), axis_name)
+                             / global_b)
+  return loss, metrics
