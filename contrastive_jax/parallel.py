@@ -68,11 +68,6 @@ def to_global(local_batch: Any, mesh: Mesh) -> Any:
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree fully replicated on ``mesh``."""
-  return jax.device_put(tree, replicated(mesh))
-
-
 def sync_gradients(grads: Any, axis_name: str = DATA_AXIS) -> Any:
   """Gradient of the global-batch loss on every device, in either mapping.
 

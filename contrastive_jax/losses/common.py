@@ -47,7 +47,3 @@ def global_sum(x: jax.Array, axis_name: AxisName) -> jax.Array:
   """``psum`` over ``axis_name`` (identity when None)."""
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
-
-def global_mean(x: jax.Array, axis_name: AxisName) -> jax.Array:
-  """``pmean`` over ``axis_name`` (identity when None)."""
-  return x if axis_name is None else jax.lax.pmean(x, axis_name)
