@@ -56,3 +56,51 @@ def test_evaluate_cli_reproduces_the_training_numbers(tiny_run, tmp_path):
   for key, value in results.items():
     assert written[key] == pytest.approx(value, abs=1e-6), key
   assert '"zeroshot/shapes/acc1"' in proc.stdout
+
+
+def test_late_interaction_scores_in_chunks_equal_one_block(monkeypatch):
+  import jax
+  from contrastive_jax.evaluate import late_interaction
+  from contrastive_jax.losses.filip import late_interaction_scores
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(7, 3, 4)).astype(np.float32)
+  k = rng.normal(size=(5, 6, 4)).astype(np.float32)
+  q /= np.linalg.norm(q, axis=-1, keepdims=True)
+  k /= np.linalg.norm(k, axis=-1, keepdims=True)
+  qmask = rng.random((7, 3)) < 0.7
+  kmask = rng.random((5, 6)) < 0.6
+  qmask[:, 0] = kmask[:, 0] = True
+  q, k = q * qmask[..., None], k * kmask[..., None]
+  want = np.asarray(jax.jit(late_interaction_scores)(q, qmask, k, kmask))
+  monkeypatch.setattr(late_interaction, "MAX_BLOCK_FLOATS", 2 * 3 * 6)  # 2 keys, 1 query
+  got = late_interaction.scores(q, qmask, k, kmask)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # The text-side mean counts each valid query token once: duplicating a padded slot's
+  # neighbour into it (now valid) changes the score, padding does not.
+  np.testing.assert_allclose(late_interaction.scores(q, qmask, np.concatenate(
+      [k, np.full((5, 2, 4), 9.0, np.float32)], 1), np.concatenate(
+          [kmask, np.zeros((5, 2), bool)], 1)), want, rtol=1e-6)
+
+
+def test_retrieval_from_scores_matches_embeddings():
+  rng = np.random.default_rng(1)
+  image = rng.normal(size=(6, 3))
+  text = rng.normal(size=(6, 3))
+  positives = np.eye(6, dtype=bool)
+  a = metrics.retrieval_metrics(image, text, positives, ks=(1, 2))
+  b = metrics.retrieval_metrics_from_scores(image @ text.T, text @ image.T, positives, ks=(1, 2))
+  assert a == b
+  # i2t and t2i scores are used independently: flipping the t2i scores changes only t2i.
+  c = metrics.retrieval_metrics_from_scores(image @ text.T, -(text @ image.T), positives,
+                                            ks=(1, 2))
+  assert c["i2t_recall@1"] == a["i2t_recall@1"]
+  assert c["t2i_recall@1"] != a["t2i_recall@1"]
+
+
+def test_unknown_scoring_names_the_key():
+  from conftest import tiny_config
+  from contrastive_jax import evaluate
+  config = tiny_config()
+  config.eval.scoring = "maxsim"
+  with pytest.raises(ValueError, match="config.eval.scoring"):
+    evaluate.run_evaluators(config, None, None, None, None)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Tuple
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -16,20 +17,41 @@ def _host_rows(x: np.ndarray) -> np.ndarray:
   return x[jax.process_index() * per_host:(jax.process_index() + 1) * per_host]
 
 
-def jitted_encoders(model) -> Tuple[Callable, Callable]:
-  """``(image_fn, text_fn)``: jitted ``(params, images)`` and ``(params, tokens, mask)`` ->
-  pooled embeddings. Build them once per model and reuse them, so periodic evaluations do
-  not recompile."""
+class Encoders(NamedTuple):
+  """Jitted encoders of one model: ``image(params, images) -> [n, E]`` and
+  ``text(params, tokens, mask) -> [n, E]`` pooled embeddings; ``image_tokens`` /
+  ``text_tokens`` give L2-normalised token features ``[n, T, E]`` (padded text tokens zeroed)
+  for late-interaction scoring. Each compiles on first use only."""
+  image: Callable
+  text: Callable
+  image_tokens: Callable
+  text_tokens: Callable
+
+
+def _normalized_tokens(tokens, mask=None):
+  tokens = tokens.astype(jnp.float32)
+  tokens = tokens / (jnp.linalg.norm(tokens, axis=-1, keepdims=True) + 1e-8)
+  return tokens if mask is None else jnp.where(mask[..., None], tokens, 0.0)
+
+
+def jitted_encoders(model) -> Encoders:
+  """The :class:`Encoders` of ``model`` (``encode_image`` / ``encode_text`` returning
+  ``(pooled, tokens)``). Build them once per model and reuse them, so periodic evaluations
+  do not recompile."""
   image = lambda params, images: model.apply({"params": params}, images,
-                                             method=model.encode_image)[0]
+                                             method=model.encode_image)
   text = lambda params, tokens, mask: model.apply({"params": params}, tokens, mask,
-                                                  method=model.encode_text)[0]
-  return jax.jit(image), jax.jit(text)
+                                                  method=model.encode_text)
+  return Encoders(
+      image=jax.jit(lambda p, x: image(p, x)[0]),
+      text=jax.jit(lambda p, t, m: text(p, t, m)[0]),
+      image_tokens=jax.jit(lambda p, x: _normalized_tokens(image(p, x)[1])),
+      text_tokens=jax.jit(lambda p, t, m: _normalized_tokens(text(p, t, m)[1], m)))
 
 
 def embed_batches(encode: Callable, params, batches: Iterable[Mapping[str, np.ndarray]],
                   keys, mesh, batch_size: int) -> np.ndarray:
-  """Applies the jitted ``encode(params, *[batch[k] for k in keys]) -> [n, E]`` to every batch.
+  """Applies the jitted ``encode(params, *[batch[k] for k in keys]) -> [n, ...]`` to every batch.
 
   Batches (identical on every host) are padded to ``batch_size`` (a multiple of the device
   count, so every call has the same shapes and compiles once), sharded over the ``data``

@@ -60,9 +60,17 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, positives: np
     positives: bool ``[N_img, N_txt]``, True where the text describes the image.
   """
   scores = np.asarray(image_emb) @ np.asarray(text_emb).T
+  return retrieval_metrics_from_scores(scores, scores.T, positives, ks)
+
+
+def retrieval_metrics_from_scores(i2t: np.ndarray, t2i: np.ndarray, positives: np.ndarray,
+                                  ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+  """Recall@k from ``i2t [N_img, N_txt]`` and ``t2i [N_txt, N_img]`` scores (which need not
+  be transposes of each other, as with late interaction)."""
+  positives = np.asarray(positives, bool)
   out = {}
-  for k, v in recall_at_k(scores, positives, ks).items():
+  for k, v in recall_at_k(i2t, positives, ks).items():
     out[f"i2t_recall@{k}"] = v
-  for k, v in recall_at_k(scores.T, positives.T, ks).items():
+  for k, v in recall_at_k(t2i, positives.T, ks).items():
     out[f"t2i_recall@{k}"] = v
   return out
