@@ -11,6 +11,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from contrastive_jax.losses.clip import clip_loss
 from contrastive_jax.losses.clip_ring import ring_clip_loss
+from contrastive_jax.losses.filip import filip_loss
+from contrastive_jax.losses.filip_ring import ring_filip_loss
 from contrastive_jax.losses.siglip import siglip_loss
 from contrastive_jax.losses.siglip_ring import ring_siglip_loss
 
@@ -34,6 +36,31 @@ def temp_bytes(loss_fn, global_batch: int, dim: int, num_devices: int) -> int:
   return fn.lower(spec, spec, scale).compile().memory_analysis().temp_size_in_bytes
 
 
+def temp_bytes_tokens(loss_fn, global_batch: int, image_tokens: int, text_tokens: int,
+                      dim: int, num_devices: int) -> int:
+  """Per-device temporary bytes of ``value_and_grad`` of a token-level loss in ``shard_map``.
+
+  ``loss_fn(x, y, mask, scale, axis_name) -> (loss, metrics)``; inputs float32
+  ``[B, image_tokens, dim]``, ``[B, text_tokens, dim]`` and a bool mask ``[B, text_tokens]``;
+  gradients w.r.t. both token tensors and the scale.
+  """
+  mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
+
+  def local(x, y, m, s):
+    grad = jax.grad(lambda x, y, s: loss_fn(x, y, m, s, "data")[0], argnums=(0, 1, 2))
+    return grad(x, y, s)
+
+  data = P("data")
+  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(data, data, data, P()),
+                             out_specs=(data, data, P())))
+  sharded = NamedSharding(mesh, data)
+  image = jax.ShapeDtypeStruct((global_batch, image_tokens, dim), jnp.float32, sharding=sharded)
+  text = jax.ShapeDtypeStruct((global_batch, text_tokens, dim), jnp.float32, sharding=sharded)
+  mask = jax.ShapeDtypeStruct((global_batch, text_tokens), jnp.bool_, sharding=sharded)
+  scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+  return fn.lower(image, text, mask, scale).compile().memory_analysis().temp_size_in_bytes
+
+
 def _pairs(block_size):
   """loss name -> (global-view reference, lean ring form), as ``fn(x, y, s, axis)``."""
   return {
@@ -46,15 +73,47 @@ def _pairs(block_size):
   }
 
 
+def _token_pairs(block_size):
+  """Token-level loss name -> (reference, lean ring form), as ``fn(x, y, mask, s, axis)``."""
+  return {
+      "filip": (lambda x, y, m, s, axis: filip_loss(x, y, m, s, axis_name=axis),
+                lambda x, y, m, s, axis: ring_filip_loss(x, y, m, s, block_size=block_size,
+                                                         axis_name=axis)),
+  }
+
+
+# Embedding losses (inputs [B, D]) and token-level losses (inputs [B, T, D] + mask).
 LOSSES = ("clip", "siglip")
+TOKEN_LOSSES = ("filip",)
+
+
+def _measure(name: str, global_batch: int, dim: int, num_devices: int, block_size: int,
+             image_tokens: int, text_tokens: int) -> Tuple[int, int]:
+  """``(reference_bytes, ring_bytes)`` for one configuration."""
+  if name in TOKEN_LOSSES:
+    return tuple(temp_bytes_tokens(fn, global_batch, image_tokens, text_tokens, dim, num_devices)
+                 for fn in _token_pairs(block_size)[name])
+  if name in LOSSES:
+    return tuple(temp_bytes(fn, global_batch, dim, num_devices) for fn in _pairs(block_size)[name])
+  raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES + TOKEN_LOSSES}")
 
 
 def memory_table(name: str, batches: Sequence[int], dim: int, num_devices: int,
-                 block_size: int) -> List[Tuple[int, int, int]]:
-  """``[(B, reference_bytes, ring_bytes)]`` for the loss ``name`` (one of ``LOSSES``)."""
-  reference, lean = _pairs(block_size)[name]
-  return [(b, temp_bytes(reference, b, dim, num_devices), temp_bytes(lean, b, dim, num_devices))
+                 block_size: int, *, image_tokens: int = 16,
+                 text_tokens: int = 8) -> List[Tuple[int, int, int]]:
+  """``[(B, reference_bytes, ring_bytes)]`` for the loss ``name`` (``LOSSES`` or
+  ``TOKEN_LOSSES``; the token counts only matter for the latter)."""
+  return [(b,) + _measure(name, b, dim, num_devices, block_size, image_tokens, text_tokens)
           for b in batches]
+
+
+def device_table(name: str, global_batch: int, device_counts: Sequence[int], dim: int,
+                 block_size: int, *, image_tokens: int = 16,
+                 text_tokens: int = 8) -> List[Tuple[int, int, int]]:
+  """``[(W, reference_bytes, ring_bytes)]`` at a fixed global batch on the first ``W``
+  devices (a sub-mesh), for each ``W`` in ``device_counts``."""
+  return [(w,) + _measure(name, global_batch, dim, w, block_size, image_tokens, text_tokens)
+          for w in device_counts]
 
 
 def loglog_slopes(rows) -> Tuple[float, float]:
@@ -64,4 +123,5 @@ def loglog_slopes(rows) -> Tuple[float, float]:
   return slope(1), slope(2)
 
 
-__all__ = ["LOSSES", "loglog_slopes", "memory_table", "temp_bytes"]
+__all__ = ["LOSSES", "TOKEN_LOSSES", "device_table", "loglog_slopes", "memory_table",
+           "temp_bytes", "temp_bytes_tokens"]
