@@ -129,3 +129,13 @@ def test_convirt_weighting_closed_forms():
                              0.75 * i2t + 0.25 * t2i, rtol=1e-5)
   same = jnp.ones((6, 4))
   np.testing.assert_allclose(losses.convirt_loss(same, same)[0], math.log(6), rtol=1e-5)
+
+
+def test_zero_embeddings_give_finite_gradients():
+  import jax
+  import jax.numpy as jnp
+  from contrastive_jax.losses import clip_loss as loss_fn, common
+  x = jnp.zeros((4, 3)).at[0].set(1.0)  # rows 1..3 are zero vectors
+  grads = jax.grad(lambda x, y: loss_fn(x, y, 10.0)[0], argnums=(0, 1))(x, x)
+  assert all(bool(jnp.isfinite(g).all()) for g in grads)
+  assert bool(jnp.isfinite(jax.jacobian(common.l2_normalize)(jnp.zeros(3))).all())

@@ -19,9 +19,15 @@ NORM_EPS = 1e-8
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
-  """Casts to float32 and divides by the L2 norm along ``axis`` (idempotent up to eps)."""
+  """Casts to float32 and divides by the L2 norm along ``axis`` (idempotent up to eps).
+
+  A zero row stays zero with a finite gradient: the squared norm is floored at the smallest
+  normal float before the square root, whose derivative at 0 would otherwise be infinite.
+  """
   x = x.astype(jnp.float32)
-  return x / (jnp.linalg.norm(x, axis=axis, keepdims=True) + eps)
+  squared = jnp.sum(x * x, axis=axis, keepdims=True)
+  norm = jnp.sqrt(jnp.maximum(squared, jnp.finfo(jnp.float32).tiny))
+  return x / (norm + eps)
 
 
 def all_gather_rows(x: jax.Array, axis_name: AxisName) -> jax.Array:
