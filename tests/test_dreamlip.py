@@ -16,6 +16,7 @@ from contrastive_jax import optim, parallel
 from contrastive_jax.data import shapes, subcaptions, tokenizers
 from contrastive_jax.losses import clip_loss
 from contrastive_jax.losses import dreamlip as dl
+from contrastive_jax.losses import memory_profile
 from contrastive_jax.objectives import make_objective
 
 B, T, D, M = 16, 3, 8, 4
@@ -316,6 +317,129 @@ def test_gradients_finite_in_degenerate_batches():
                                          grouping_weight=grouping, multi_positive_form=form)[0],
         (0, 1, 2))(x, y, patches)
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in grads)
+
+
+# ----------------------------------------------------------------------------- ring form
+
+
+def _tied_inputs():
+  """``_inputs()`` where image 9's best text (cosine 1) has an exact copy at global text 0
+  (image 0's raw caption): a dense argmax picks text 0 (a miss), while a ring visiting its own
+  texts first would report a hit unless ties go to the lower global index."""
+  x, y, _ = _inputs()
+  y = y.at[9, 1].set(x[9]).at[0, 0].set(x[9])
+  return x, y
+
+
+def _mp_case(block_size=None, ring_form=True, masked=True):
+  def fn(x, y, s, v, axis_name):
+    v = v if masked else None
+    if ring_form:
+      return dl.ring_multi_positive_loss(x, y, s, text_valid=v, block_size=block_size,
+                                         axis_name=axis_name)
+    return dl.multi_positive_loss(x, y, s, text_valid=v, axis_name=axis_name)
+  return fn
+
+
+def _assert_ring_matches(got, want, grad_rtol=1e-5):
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  assert set(got[1]) == set(want[1])
+  for k in want[1]:
+    np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for g, w in zip(got[2], want[2]):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    assert np.isfinite(g).all()
+    np.testing.assert_allclose(g, w, rtol=grad_rtol, atol=grad_rtol * np.abs(w).max())
+
+
+@pytest.fixture(scope="module")
+def tied_reference():
+  x, y = _tied_inputs()
+  args = ((x, y), (jnp.float32(7.0),), (_valid(),))
+  return args, _value_and_grads(_mp_case(ring_form=False), *args)
+
+
+@pytest.mark.parametrize("devices,block_size", [(None, None), (None, 4), (2, 2), (2, None),
+                                                (8, 1), (8, 2)])
+def test_ring_multi_positive_matches_reference(tied_reference, devices, block_size):
+  args, want = tied_reference
+  got = _value_and_grads(_mp_case(block_size), *args, devices=devices)
+  _assert_ring_matches(got, want)
+  assert 0 < want[1]["acc"] < 1  # the argmax metric is informative here
+  assert all(np.abs(w).max() > 0 for w in want[2])
+
+
+def test_ring_multi_positive_without_mask_matches_reference():
+  x, y, _ = _inputs(seed=1)
+  args = ((x, y), (jnp.float32(5.0),), (_valid(),))  # the mask is ignored (text_valid=None)
+  got = _value_and_grads(_mp_case(2, masked=False), *args, devices=8)
+  _assert_ring_matches(got, _value_and_grads(_mp_case(ring_form=False, masked=False), *args))
+
+
+def test_tied_inputs_exercise_the_argmax_tie_break():
+  x, y = _tied_inputs()
+  sims, _, _ = jax.jit(dl._texts_against_images, static_argnums=3)(x, y, _valid(), None)
+  # An exact float32 tie across images, which a dense argmax gives to text 0 (image 0's):
+  # the 8-device parity above then needs the ring to break ties the same way.
+  assert sims[9, 0] == sims[9, 9 * T + 1] == sims[9].max()
+  assert int(jnp.argmax(sims[9])) == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _ring_vg():
+  """Jitted ring value and gradients w.r.t. (x, y) on 8 devices, for any ``[B, T]`` mask."""
+  mesh = parallel.make_mesh(8)
+  vg = lambda x, y, v: jax.value_and_grad(
+      lambda x, y: dl.ring_multi_positive_loss(x, y, 7.0, text_valid=v, block_size=1,
+                                               axis_name="data"), (0, 1), has_aux=True)(x, y)
+  fn = jax.jit(jax.shard_map(vg, mesh=mesh, in_specs=(P("data"),) * 3,
+                             out_specs=((P(), P()), (P("data"), P("data")))))
+  return lambda *args: fn(*(jax.device_put(a, parallel.batch_sharding(mesh)) for a in args))
+
+
+def test_ring_multi_positive_degenerate_masks():
+  x, y, _ = _inputs()
+  one = np.zeros((B, T), bool)
+  one[3, 1] = True  # a single valid text: image 3 has no negatives, every other image drops
+  reference = jax.jit(jax.value_and_grad(
+      lambda x, y, v: dl.multi_positive_loss(x, y, 7.0, text_valid=v), (0, 1), has_aux=True))
+  for valid in (one, np.zeros((B, T), bool)):  # L = 0 in both
+    (loss, metrics), grads = _ring_vg()(x, y, valid)
+    (want, want_metrics), want_grads = reference(x, y, valid)
+    np.testing.assert_allclose([loss, want], 0.0, atol=1e-6)
+    for g, w in zip(grads, want_grads):
+      assert np.isfinite(g).all()
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    for k in ("pos_logit", "neg_logit"):
+      np.testing.assert_allclose(metrics[k], want_metrics[k], rtol=1e-5, atol=1e-6)
+  assert not any(np.abs(g).max() for g in grads)  # no positives at all: no gradient
+
+
+def test_ring_multi_positive_bfloat16_inputs():
+  x, y = (a.astype(jnp.bfloat16) for a in _tied_inputs())
+  args = ((x, y), (jnp.float32(7.0),), (_valid(),))
+  got = _value_and_grads(_mp_case(2), *args, devices=8)
+  want = _value_and_grads(_mp_case(ring_form=False), *args)
+  assert got[0].dtype == jnp.float32 and got[2][1].dtype == jnp.bfloat16
+  # Both normalise in float32: values agree tightly, bfloat16 gradients to its precision.
+  _assert_ring_matches(got, want, grad_rtol=2e-2)
+
+
+def test_ring_multi_positive_memory_is_linear_and_default_in_dreamlip():
+  def temp(fn, batch):
+    return memory_profile.temp_bytes_tokens(
+        lambda x, y, m, s, axis: fn(x[:, 0], y, s, m, axis), batch, 1, 4, 64, 8)
+
+  ring = lambda x, y, s, m, axis: dl.ring_multi_positive_loss(x, y, s, text_valid=m,
+                                                              block_size=16, axis_name=axis)
+  reference = lambda x, y, s, m, axis: dl.multi_positive_loss(x, y, s, text_valid=m,
+                                                              axis_name=axis)
+  default = lambda x, y, s, m, axis: dl.dreamlip_loss(
+      x, y, None, s, 1.0, text_valid=m, grouping_weight=0.0, block_size=16, axis_name=axis)
+  lean = [temp(ring, b) for b in (512, 1024)]
+  dense = temp(reference, 1024)  # holds [b, B·T] logits: quadratic in B
+  assert lean[1] <= 2.2 * lean[0] and dense >= 3 * lean[1], (lean, dense)
+  assert temp(default, 1024) < dense / 2, (lean, dense)  # dreamlip_loss uses the ring
 
 
 # ----------------------------------------------------------------------------- objective

@@ -18,11 +18,16 @@ Deviations from the released code (METHODS.md §3.3): the min-max normalisation 
 (all-equal similarities give uniform weights instead of 0/0 = NaN), and gathers keep their
 gradient (exact global gradients, no ``1/W`` scaling).
 
-The multi-positive terms hold ``[b, B·T]`` logits per device (they need every text's
-similarity to the local images once; no ``[B·T, B·T]`` matrix is ever formed).
+Memory: :func:`ring_multi_positive_loss` (the default of :func:`dreamlip_loss`) passes the
+``b·T`` local texts around a ``ppermute`` ring and scores them in row blocks under a
+``jax.custom_vjp`` that keeps only embeddings and per-image log-sum-exps, so a device holds
+``block_size × b·T`` logits at a time. The global-view :func:`multi_positive_loss` (``[b, B·T]``
+logits per device) is its tested reference; the Circle form is global-view only.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +116,149 @@ def multi_positive_loss(image_emb, text_emb, logit_scale, *, text_valid=None, ax
   has_pos = num_pos > 0
   loss = _global_mean(jnp.sum(jnp.where(has_pos, row, 0.0)), jnp.sum(has_pos), axis_name)
   return loss, _multi_positive_metrics(logits, own, valid, axis_name)
+
+
+# ----------------------------------------------------------------------------- ring form
+
+
+def _visit(x_blocks, y, col_bias):
+  """LSE, max and first argmax of ``x @ yᵀ + col_bias`` over the visiting texts, per local image
+  (row blocks of ``x_blocks [n_blocks, c, D]``; each ``[b]``)."""
+  def block_step(_, x_blk):
+    z = x_blk @ y.T + col_bias[None, :]  # [c, n]: the only logits ever held
+    return None, (jax.nn.logsumexp(z, axis=1), jnp.max(z, axis=1), jnp.argmax(z, axis=1))
+
+  _, stats = jax.lax.scan(block_step, None, x_blocks)
+  return tuple(a.reshape(-1) for a in stats)
+
+
+def _row_lse_argmax(xs, y, col_bias, axis_name, block_size):
+  """Ring pass: per local row of ``xs [b, D]``, the LSE and the global argmax index of
+  ``xs @ y_allᵀ + bias_all`` over every device's ``y [n, D]`` (rows may differ from ``b``)."""
+  n = y.shape[0]
+  size = ring.axis_size(axis_name)
+  me = 0 if axis_name is None else jax.lax.axis_index(axis_name)
+  x_blocks = ring.row_blocks(xs, block_size)
+
+  def merge(acc, k, visiting):
+    lse, best, arg = acc
+    blk_lse, blk_max, blk_arg = _visit(x_blocks, *visiting)
+    blk_arg = ((me - k) % size) * n + blk_arg  # global index of the visiting text
+    # Ties go to the lower global index, as a dense argmax does.
+    better = (blk_max > best) | ((blk_max == best) & (blk_arg < arg))
+    return (jnp.logaddexp(lse, blk_lse), jnp.maximum(best, blk_max),
+            jnp.where(better, blk_arg, arg))
+
+  def ring_step(carry, k):
+    acc, visiting = carry
+    return (merge(acc, k, visiting), ring.ring_shift(visiting, axis_name)), None
+
+  # full_like keeps the inputs' device-varying type, as scan carries inside shard_map need.
+  neg_inf = jnp.full_like(xs[:, 0], -jnp.inf)
+  acc = (neg_inf, neg_inf, jnp.zeros_like(xs[:, 0], dtype=jnp.int32))
+  (acc, visiting), _ = jax.lax.scan(ring_step, (acc, (y, col_bias)), jnp.arange(size - 1))
+  lse, _, arg = merge(acc, size - 1, visiting)  # the last shard needs no further shift
+  return lse, arg
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _masked_row_lse(xs, y, col_bias, axis_name, block_size):
+  """``(lse [b], best [b] int32)`` of :func:`_row_lse_argmax`, with a custom gradient for
+  ``lse`` that saves only ``xs``, ``y``, ``col_bias`` and ``lse``."""
+  return _row_lse_argmax(xs, y, col_bias, axis_name, block_size)
+
+
+def _masked_row_lse_fwd(xs, y, col_bias, axis_name, block_size):
+  lse, best = _row_lse_argmax(xs, y, col_bias, axis_name, block_size)
+  return (lse, best), (xs, y, col_bias, lse)
+
+
+def _masked_row_lse_bwd(axis_name, block_size, residuals, cotangents):
+  """Recomputes each block, ``dZ = g · softmax_rows(Z)``; a second ring carries each text's
+  gradient accumulators (``y`` and bias) along with it, home after ``W`` shifts."""
+  xs, y, col_bias, lse = residuals
+  g = cotangents[0]
+  x_blocks = ring.row_blocks(xs, block_size)
+  n_blocks, c, _ = x_blocks.shape
+  lse_blocks, g_blocks = lse.reshape(n_blocks, c), g.reshape(n_blocks, c)
+
+  def ring_step(carry, _):
+    gx_blocks, (y_v, bias_v, gy_v, gb_v) = carry
+
+    def block_step(acc, inputs):
+      gy_v, gb_v = acc
+      x_blk, lse_blk, g_blk = inputs
+      dz = g_blk[:, None] * jnp.exp(x_blk @ y_v.T + bias_v[None, :] - lse_blk[:, None])
+      return (gy_v + dz.T @ x_blk, gb_v + jnp.sum(dz, axis=0)), dz @ y_v
+
+    (gy_v, gb_v), gx_new = jax.lax.scan(block_step, (gy_v, gb_v),
+                                        (x_blocks, lse_blocks, g_blocks))
+    visiting = ring.ring_shift((y_v, bias_v, gy_v, gb_v), axis_name)
+    return (gx_blocks + gx_new, visiting), None
+
+  init = (jnp.zeros_like(x_blocks), (y, col_bias, jnp.zeros_like(y), jnp.zeros_like(col_bias)))
+  (gx_blocks, (_, _, gy, gb)), _ = jax.lax.scan(ring_step, init, None,
+                                                length=ring.axis_size(axis_name))
+  return gx_blocks.reshape(xs.shape), gy, gb
+
+
+_masked_row_lse.defvjp(_masked_row_lse_fwd, _masked_row_lse_bwd)
+
+
+def ring_multi_positive_loss(image_emb, text_emb, logit_scale, *, text_valid=None,
+                             block_size=None, axis_name=None):
+  """:func:`multi_positive_loss` without materialising the ``[b, B·T]`` logits.
+
+  Same contract, value, gradients and metrics. The flattened ``[b·T, D]`` texts travel the
+  ``ppermute`` ring with an additive column bias (0, or ``MASKED_LOGIT`` for invalid texts);
+  each device keeps only its images' running ``LSE_{j ∈ V} Z_ij`` and argmax. The positive
+  term is local and closed-form, ``Σ_{p ∈ P_i} Z_ip = s x̂_i · Σ_{k valid} ŷ_ik``, and so are
+  the logit metrics: the sum of all valid logits is ``(Σ_i s x̂_i) · (Σ_{j ∈ V} ŷ_j)``.
+
+  Args:
+    image_emb: ``[b, D]`` image embeddings (local shard when ``axis_name`` is given).
+    text_emb: ``[b, T, D]`` the ``T`` texts of every image.
+    logit_scale: scalar ``s = exp(θ)``.
+    text_valid: optional bool ``[b, T]``; False texts are neither positives nor negatives.
+    block_size: local images scored at once (must divide ``b``; None: all ``b``). Peak
+      logits memory per device is ``block_size × b·T`` floats.
+    axis_name: mapped data axis (inside ``shard_map`` / ``pmap``), or None.
+
+  Returns:
+    ``(loss, metrics)`` as :func:`multi_positive_loss`.
+  """
+  x = common.l2_normalize(image_emb)
+  y = common.l2_normalize(text_emb)
+  b, t, d = y.shape
+  if text_valid is None:
+    text_valid = jnp.ones((b, t), bool)
+  valid = jnp.asarray(text_valid).astype(bool)
+  xs = jnp.asarray(logit_scale, jnp.float32) * x
+  # zeros_like(y): the bias keeps the texts' device-varying type even when the mask does not.
+  col_bias = jnp.where(valid, jnp.zeros_like(y[..., 0]), MASKED_LOGIT).reshape(b * t)
+  lse, best = _masked_row_lse(xs, y.reshape(b * t, d), col_bias, axis_name, block_size)
+  y_pos = jnp.sum(jnp.where(valid[..., None], y, 0.0), axis=1)  # [b, D]
+  pos_sum = jnp.sum(xs * y_pos, axis=1)
+  num_pos = jnp.sum(valid, axis=1)
+  has_pos = num_pos > 0
+  row = lse - pos_sum / jnp.maximum(num_pos, 1)
+  loss = _global_mean(jnp.sum(jnp.where(has_pos, row, 0.0)), jnp.sum(has_pos), axis_name)
+
+  # Metrics: the argmax is a global text index; its image is index // T.
+  rows = common.shard_offset(b, axis_name) + jnp.arange(b)
+  hit = (best // t == rows).astype(jnp.float32)
+  global_b = b * ring.axis_size(axis_name)
+  num_valid = common.global_sum(jnp.sum(num_pos), axis_name)
+  pos_total = common.global_sum(jnp.sum(pos_sum), axis_name)
+  all_total = jnp.dot(common.global_sum(jnp.sum(xs, axis=0), axis_name),
+                      common.global_sum(jnp.sum(y_pos, axis=0), axis_name))
+  metrics = {
+      "acc": _global_mean(jnp.sum(hit), b, axis_name),
+      "pos_logit": pos_total / jnp.maximum(num_valid, 1),
+      # Every valid text is a positive of exactly one image and a negative of the others.
+      "neg_logit": (all_total - pos_total) / jnp.maximum((global_b - 1) * num_valid, 1),
+  }
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
 def circle_multi_positive_loss(image_emb, text_emb, *, gamma=32.0, margin=0.25, divisor=10.0,
@@ -236,10 +384,12 @@ def dreamlip_loss(image_emb, text_emb, patch_tokens, logit_scale, logit_scale_lo
     multi_positive_weight: ``w_mp``.
     grouping_weight: ``w_g`` (the code's ``sgl_lossweight``, default 1).
     delta: grouping threshold (the code's ``sgl_delta``, default 0).
-    multi_positive_form: ``"infonce"`` (:func:`multi_positive_loss`, paper) or ``"circle"``
-      (:func:`circle_multi_positive_loss`, released code).
+    multi_positive_form: ``"infonce"`` (the paper's; :func:`ring_multi_positive_loss`, equal to
+      the global-view :func:`multi_positive_loss`) or ``"circle"``
+      (:func:`circle_multi_positive_loss`, released code; global view).
     text_valid: optional bool ``[b, T]`` for the multi-positive term.
-    block_size: row block of the ring losses (None: all local rows at once).
+    block_size: row block of the ring losses (local images for CLIP and the multi-positive
+      term, local texts for grouping; None: all local rows at once).
     axis_name: mapped data axis, or None.
 
   Returns:
@@ -257,8 +407,9 @@ def dreamlip_loss(image_emb, text_emb, patch_tokens, logit_scale, logit_scale_lo
   metrics = dict(metrics, clip_loss=jax.lax.stop_gradient(clip))
   if multi_positive_weight:
     if multi_positive_form == "infonce":
-      mpos, mpos_metrics = multi_positive_loss(image_emb, text_emb, logit_scale,
-                                               text_valid=text_valid, axis_name=axis_name)
+      mpos, mpos_metrics = ring_multi_positive_loss(image_emb, text_emb, logit_scale,
+                                                    text_valid=text_valid,
+                                                    block_size=block_size, axis_name=axis_name)
     else:
       mpos, mpos_metrics = circle_multi_positive_loss(image_emb, text_emb,
                                                       text_valid=text_valid,
