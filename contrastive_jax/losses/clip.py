@@ -37,15 +37,22 @@ def clip_logits(image_emb, text_emb, logit_scale, *, axis_name=None):
   return logits_i2t, logits_t2i, labels
 
 
-def _row_stats(logits, labels):
-  """Per-row cross-entropy, top-1 hit and positive logit for integer ``labels``."""
+def _row_stats(logits, labels, label_smoothing=0.0):
+  """Per-row cross-entropy, top-1 hit and positive logit for integer ``labels``.
+
+  With ``ε = label_smoothing`` the target is ``(1 − ε)·onehot + ε/B`` (over the ``B``
+  columns), so the cross-entropy is ``LSE − (1 − ε)·z_pos − ε·mean_k z_k``.
+  """
   positive = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
   xent = jax.nn.logsumexp(logits, axis=1) - positive
+  if label_smoothing:
+    xent = xent + label_smoothing * (positive - jnp.mean(logits, axis=1))
   hit = (jnp.argmax(logits, axis=1) == labels).astype(jnp.float32)
   return xent, hit, positive
 
 
-def clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, axis_name=None):
+def clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, label_smoothing=0.0,
+              axis_name=None):
   """Symmetric InfoNCE over the global batch.
 
   ``L = w · mean_i CE(Z_i·, i) + (1 − w) · mean_j CE(Z_·j, j)`` with ``Z = s · x̂ ŷᵀ`` over
@@ -57,6 +64,8 @@ def clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, axis_name=Non
     text_emb: ``[b, D]`` text embeddings paired row by row with ``image_emb``.
     logit_scale: scalar ``s = exp(θ)`` (the scale itself, not its log).
     i2t_weight: weight of the image→text direction; the text→image one gets ``1 − w``.
+    label_smoothing: ``ε``; each row's target becomes ``(1 − ε)·onehot + ε/B``, i.e.
+      ``CE_ε = (1 − ε)·CE + ε·mean_k(−log p_k)`` (CLIP🚀's local terms use 0.1).
     axis_name: name of the mapped data axis (inside ``shard_map`` / ``pmap``), or None.
 
   Returns:
@@ -68,10 +77,11 @@ def clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, axis_name=Non
   logits_i2t, logits_t2i, labels = clip_logits(
       image_emb, text_emb, logit_scale, axis_name=axis_name)
   return infonce_from_logits(logits_i2t, logits_t2i, labels, i2t_weight=i2t_weight,
-                             axis_name=axis_name)
+                             label_smoothing=label_smoothing, axis_name=axis_name)
 
 
-def infonce_from_logits(logits_i2t, logits_t2i, labels, *, i2t_weight=0.5, axis_name=None):
+def infonce_from_logits(logits_i2t, logits_t2i, labels, *, i2t_weight=0.5, label_smoothing=0.0,
+                        axis_name=None):
   """Two-direction InfoNCE and its metrics from local-row logits (shared by CLIP and FILIP).
 
   Args:
@@ -79,14 +89,15 @@ def infonce_from_logits(logits_i2t, logits_t2i, labels, *, i2t_weight=0.5, axis_
     logits_t2i: float32 ``[b, B]`` text-anchored logits of the local rows.
     labels: int ``[b]`` global column index of each row's positive.
     i2t_weight: weight ``w`` of the image→text direction; text→image gets ``1 − w``.
+    label_smoothing: ``ε`` of the smoothed targets (see :func:`clip_loss`).
     axis_name: mapped data axis, or None.
 
   Returns:
     ``(loss, metrics)`` as :func:`clip_loss` describes them.
   """
   global_b = logits_i2t.shape[1]
-  xent_i2t, hit_i2t, pos = _row_stats(logits_i2t, labels)
-  xent_t2i, hit_t2i, _ = _row_stats(logits_t2i, labels)
+  xent_i2t, hit_i2t, pos = _row_stats(logits_i2t, labels, label_smoothing)
+  xent_t2i, hit_t2i, _ = _row_stats(logits_t2i, labels, label_smoothing)
 
   def mean(local_sum, count):
     return common.global_sum(local_sum, axis_name) / count

@@ -72,8 +72,8 @@ def _lse_stats_bwd(axis_name, block_size, residuals, cotangents):
 _lse_stats.defvjp(_lse_stats_fwd, _lse_stats_bwd)
 
 
-def ring_clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, block_size=None,
-                   axis_name=None):
+def ring_clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, label_smoothing=0.0,
+                   block_size=None, axis_name=None):
   """Symmetric InfoNCE over the global batch without materialising the global logits.
 
   Same contract, value, gradients and metrics as
@@ -84,6 +84,9 @@ def ring_clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, block_si
     text_emb: ``[b, D]`` paired text embeddings.
     logit_scale: scalar ``s = exp(θ)``.
     i2t_weight: weight of the image→text direction (½: CLIP; ConVIRT's λ otherwise).
+    label_smoothing: ``ε`` of the smoothed targets (see ``clip_loss``). It needs each row's
+      mean logit, which is closed-form and needs no ring: ``mean_j z_ij = xs_i · mean_j y_j``
+      for an image row, ``mean_i z_ij = (mean_i xs_i) · y_j`` for a text row.
     block_size: rows of local images scored at once (must divide ``b``; None: all ``b``).
       Peak logits memory per device is ``block_size × b`` floats.
     axis_name: mapped data axis (inside ``shard_map`` / ``pmap``), or None.
@@ -99,8 +102,14 @@ def ring_clip_loss(image_emb, text_emb, logit_scale, *, i2t_weight=0.5, block_si
   global_b = b * ring.axis_size(axis_name)
   row_lse, col_lse, best_text, best_image = _lse_stats(xs, y, axis_name, block_size)
   pos = jnp.sum(xs * y, axis=1)
+  row_xent, col_xent = row_lse - pos, col_lse - pos
+  if label_smoothing:
+    mean_y = common.global_sum(jnp.sum(y, axis=0), axis_name) / global_b
+    mean_xs = common.global_sum(jnp.sum(xs, axis=0), axis_name) / global_b
+    row_xent = row_xent + label_smoothing * (pos - xs @ mean_y)
+    col_xent = col_xent + label_smoothing * (pos - y @ mean_xs)
   loss = common.global_sum(
-      i2t_weight * jnp.sum(row_lse - pos) + (1 - i2t_weight) * jnp.sum(col_lse - pos), axis_name)
+      i2t_weight * jnp.sum(row_xent) + (1 - i2t_weight) * jnp.sum(col_xent), axis_name)
   loss = loss / global_b
 
   # Metrics: argmax hits come from the same ring pass.
