@@ -47,3 +47,18 @@ def test_convirt_at_half_weight_equals_clip_at_the_same_scale():
   a, _ = clip_obj.loss(params, {}, batch, rng)
   b, _ = convirt_obj.loss(params, {}, batch, rng)
   np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_siglip_starts_at_the_papers_scale_and_bias_and_is_not_clamped():
+  config = load_config("siglip_shapes", "size=tiny")
+  tokenizer, objective, _, optimizer = train.build(config)
+  batch = next(pipeline.as_numpy_batches(pipeline.train_dataset(config, tokenizer)))
+  params, _ = objective.init(jax.random.PRNGKey(0), batch)
+  np.testing.assert_allclose(params["logit_scale"], np.log(10.0), rtol=1e-6)
+  np.testing.assert_allclose(params["logit_bias"], -10.0)
+  # No projection of the scale: a parameter above ln 100 stays where the update puts it.
+  params = jax.tree.map(np.asarray, params)
+  params["logit_scale"] = np.float32(6.0)
+  updates, _ = optimizer.update(jax.tree.map(np.zeros_like, params), optimizer.init(params),
+                                params)
+  assert float(params["logit_scale"] + updates["logit_scale"]) == 6.0

@@ -7,15 +7,27 @@ to ``start_step * global_batch_size``.
 
 Batch keys (the contract between data and objectives):
 
-=============  ==========================  ==========================================
-key            shape / dtype               meaning
-=============  ==========================  ==========================================
-``image``      float32 ``[B, H, W, 3]``    pixels scaled to ``[-1, 1]``
-``text``       int32 ``[B, L]``            tokens (``tokenizer.tokenize``)
-``text_mask``  bool ``[B, L]``             True on real tokens (EOT included)
-``label``      int32 ``[B]``               class label, -1 when undefined
-``index``      int64 ``[B]``               example index in its source
-=============  ==========================  ==========================================
+===================  ===========================  =============================================
+key                  shape / dtype                meaning
+===================  ===========================  =============================================
+``image``            float32 ``[B, H, W, 3]``     pixels scaled to ``[-1, 1]``
+``text``             int32 ``[B, L]``             tokens (``tokenizer.tokenize``)
+``text_mask``        bool ``[B, L]``              True on real tokens (EOT included)
+``label``            int32 ``[B]``                class label, -1 when undefined
+``index``            int64 ``[B]``                example index in its source
+``subcaptions``      int32 ``[B, K, L]``          DreamLIP: ``K`` sentences of the long caption
+``subcaption_mask``  bool ``[B, K, L]``           True on their real tokens
+``views``            float32 ``[B, V, H, W, 3]``  SLIP: ``V`` image-only SimCLR views
+``local_views``      float32 ``[B, N, h, w, 3]``  CLIP🚀: ``N`` caption-paired crops
+``text_aug``         int32 ``[B, M, L]``          CLIP🚀: ``M`` augmented captions
+``text_aug_mask``    bool ``[B, M, L]``           True on their real tokens
+===================  ===========================  =============================================
+
+Objectives that need more than one view of an example ask for it in ``config.data``; each
+optional block adds its own keys (documented in its module):
+
+* ``config.data.subcaptions``: :mod:`contrastive_jax.data.subcaptions` (DreamLIP);
+* ``config.data.views``: :mod:`contrastive_jax.data.augment` (SLIP, CLIP🚀).
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from contrastive_jax.data import shapes
+from contrastive_jax.data import augment, shapes, subcaptions
 from contrastive_jax.data.tokenizers import Tokenizer
 
 # key -> (rank, dtype kind) every objective can ask for; see the table above.
@@ -36,6 +48,12 @@ BATCH_SPEC = {
     "text_mask": (2, "b"),
     "label": (1, "i"),
     "index": (1, "i"),
+    "subcaptions": (3, "i"),
+    "subcaption_mask": (3, "b"),
+    "views": (5, "f"),
+    "local_views": (5, "f"),
+    "text_aug": (3, "i"),
+    "text_aug_mask": (3, "b"),
 }
 
 
@@ -55,6 +73,33 @@ def image_text_features(tokenizer: Tokenizer, text_key: str = "caption"):
     return {"image": scale_image(example["image"]), "text": text, "text_mask": mask,
             "label": tf.cast(example["label"], tf.int32),
             "index": tf.cast(example["index"], tf.int64)}
+
+  return fn
+
+
+def extra_feature_fns(data_config: Mapping[str, Any], tokenizer: Tokenizer) -> list:
+  """The optional per-example feature functions ``config.data`` asks for (see the module
+  docstring); each maps a raw source example to a dict of extra batch keys."""
+  fns = []
+  if data_config.get("subcaptions"):
+    fns.append(subcaptions.subcaption_features(tokenizer, seed=data_config.get("seed", 0),
+                                               **data_config.subcaptions))
+  if data_config.get("views"):
+    fns.append(augment.view_features(tokenizer, seed=data_config.get("seed", 0),
+                                     **data_config.views))
+  return fns
+
+
+def training_features(data_config: Mapping[str, Any], tokenizer: Tokenizer):
+  """``image_text_features`` plus the extra keys of :func:`extra_feature_fns`."""
+  base = image_text_features(tokenizer, data_config.get("text_key", "caption"))
+  extras = extra_feature_fns(data_config, tokenizer)
+
+  def fn(example):
+    out = base(example)
+    for extra in extras:
+      out.update(extra(example))
+    return out
 
   return fn
 
@@ -89,8 +134,8 @@ def train_dataset(config, tokenizer: Tokenizer, *, start_step: int = 0) -> tf.da
   ds = host_example_indices(start_step, config.batch_size)
   ds = ds.map(shapes.example_fn("train", **kwargs), num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
-  ds = ds.map(image_text_features(tokenizer, data.get("text_key", "caption")),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(training_features(data, tokenizer), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
   return ds.batch(per_host, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 

@@ -7,9 +7,21 @@ over that mapped axis; the loss is the global-batch mean and the same on every d
 from contrastive_jax.losses.clip import clip_logits, clip_loss, convirt_loss, infonce_from_logits
 from contrastive_jax.losses.clip_ring import ring_clip_loss
 from contrastive_jax.losses.common import l2_normalize
+from contrastive_jax.losses.dreamlip import (circle_multi_positive_loss, dreamlip_loss,
+                                           grouping_loss, multi_positive_loss,
+                                           ring_multi_positive_loss)
 from contrastive_jax.losses.filip import filip_loss
+from contrastive_jax.losses.filip_ring import ring_filip_loss
+from contrastive_jax.losses.protoclip import (back_translate, external_teacher_loss,
+                                             prototype_loss, soft_targets)
 from contrastive_jax.losses.siglip import siglip_loss
 from contrastive_jax.losses.siglip_ring import ring_siglip_loss
+from contrastive_jax.losses.simclr import nt_xent_logits, nt_xent_loss
 
-__all__ = ["clip_logits", "clip_loss", "convirt_loss", "filip_loss", "infonce_from_logits",
-           "l2_normalize", "ring_clip_loss", "ring_siglip_loss", "siglip_loss"]
+__all__ = [
+    "back_translate", "circle_multi_positive_loss", "clip_logits", "clip_loss", "convirt_loss",
+    "dreamlip_loss", "external_teacher_loss", "filip_loss", "grouping_loss",
+    "infonce_from_logits", "l2_normalize", "multi_positive_loss", "nt_xent_logits",
+    "nt_xent_loss", "prototype_loss", "ring_clip_loss", "ring_filip_loss",
+    "ring_multi_positive_loss", "ring_siglip_loss", "siglip_loss", "soft_targets",
+]

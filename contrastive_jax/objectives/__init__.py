@@ -5,8 +5,17 @@ see :mod:`contrastive_jax.objectives.base` for the interface.
 """
 
 from contrastive_jax.objectives.clip import Clip, Convirt
+from contrastive_jax.objectives.cliprocket import ClipRocket
+from contrastive_jax.objectives.dreamlip import DreamLip
+from contrastive_jax.objectives.filip import Filip
+from contrastive_jax.objectives.protoclip import ProtoClip
+from contrastive_jax.objectives.siglip import Siglip
+from contrastive_jax.objectives.slip import Slip
 
-OBJECTIVES = {"clip": Clip, "convirt": Convirt}
+OBJECTIVES = {"clip": Clip, "convirt": Convirt, "siglip": Siglip, "filip": Filip,
+              "dreamlip": DreamLip,
+              "protoclip": ProtoClip,
+              "slip": Slip, "cliprocket": ClipRocket}
 
 
 def make_objective(config, tokenizer):

@@ -1,0 +1,41 @@
+"""FILIP: two towers trained with token-wise late interaction (METHODS.md §1.3)."""
+
+from __future__ import annotations
+
+from contrastive_jax import losses
+from contrastive_jax.objectives import base
+
+
+class Filip:
+  """Image-text pretraining with FILIP's loss on the projected patch and text tokens, in its
+  memory-lean ring form (:func:`contrastive_jax.losses.ring_filip_loss`, equal to
+  ``filip_loss``).
+
+  ``config.loss.keep_image_tokens`` (a fraction in (0, 1], default 1) keeps a random subset of
+  every image's patch tokens each step (the paper's token reduction, drawn from the step's
+  ``rng``); ``config.loss.block_size`` sets the rows scored at once by the ring loss.
+  Evaluate with ``config.eval.scoring = "late_interaction"`` (the token-wise scores the model
+  was trained on).
+  """
+
+  batch_keys = ("image", "text", "text_mask")
+
+  def __init__(self, config, tokenizer):
+    self.model = base.two_tower_from_config(
+        config.model, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
+        logit_scale_init=config.model.get("logit_scale_init", base.TwoTower.logit_scale_init))
+    self.block_size = config.loss.get("block_size")
+    self.keep_image_tokens = config.loss.get("keep_image_tokens")
+
+  def init(self, rng, batch):
+    variables = self.model.init(rng, batch["image"], batch["text"], batch["text_mask"])
+    return variables["params"], {}
+
+  def loss(self, params, state, batch, rng, *, axis_name=None):
+    out = self.model.apply({"params": params}, batch["image"], batch["text"], batch["text_mask"])
+    loss, metrics = losses.ring_filip_loss(
+        out["image_tokens"], out["text_tokens"], out["text_mask"], out["logit_scale"],
+        keep_image_tokens=self.keep_image_tokens, rng=rng, block_size=self.block_size,
+        axis_name=axis_name)
+    metrics["logit_scale"] = out["logit_scale"]
+    return loss, (metrics, state)

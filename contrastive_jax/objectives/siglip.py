@@ -1,0 +1,43 @@
+"""SigLIP: two towers trained with the pairwise sigmoid loss (METHODS.md §1.2)."""
+
+from __future__ import annotations
+
+import math
+
+from contrastive_jax import losses
+from contrastive_jax.objectives import base
+
+SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)
+SIGLIP_LOGIT_BIAS_INIT = -10.0
+
+
+class Siglip:
+  """Image-text pretraining with SigLIP's loss in its memory-lean ring form
+  (:func:`contrastive_jax.losses.ring_siglip_loss`, equal to ``siglip_loss``).
+
+  The model's scale parameter starts at ``config.model.logit_scale_init`` (ln 10) and its
+  bias at ``config.model.logit_bias_init`` (−10), the paper's initialisation.
+  """
+
+  batch_keys = ("image", "text", "text_mask")
+
+  def __init__(self, config, tokenizer):
+    self.model = base.two_tower_from_config(
+        config.model, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
+        logit_scale_init=config.model.get("logit_scale_init", SIGLIP_LOGIT_SCALE_INIT),
+        logit_bias_init=config.model.get("logit_bias_init", SIGLIP_LOGIT_BIAS_INIT))
+    self.block_size = config.loss.get("block_size") if "loss" in config else None
+
+  def init(self, rng, batch):
+    variables = self.model.init(rng, batch["image"], batch["text"], batch["text_mask"])
+    return variables["params"], {}
+
+  def loss(self, params, state, batch, rng, *, axis_name=None):
+    del rng  # no stochastic layers
+    out = self.model.apply({"params": params}, batch["image"], batch["text"], batch["text_mask"])
+    loss, metrics = losses.ring_siglip_loss(
+        out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"],
+        block_size=self.block_size, axis_name=axis_name)
+    metrics["logit_scale"] = out["logit_scale"]
+    metrics["logit_bias"] = out["logit_bias"]
+    return loss, (metrics, state)
