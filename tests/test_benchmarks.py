@@ -22,3 +22,19 @@ def test_train_step_speed_measures_the_library_step():
   row = bench.measure(config, 16, "float32", steps=1, mode="jit")
   assert row["devices"] == 8 and row["finite"] and math.isfinite(row["step_ms"])
   assert row["loss_after"] < math.log(16) + 1
+
+
+def test_compare_objectives_writes_its_table_into_a_readme(tmp_path):
+  bench = _load("compare_objectives")
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{bench.START}\nold table\n{bench.END}\noutro\n")
+  out = tmp_path / "rows.json"
+  bench.main(["--objectives", "clip", "--size", "tiny", "--steps", "3", "--workdir",
+              str(tmp_path / "runs"), "--output", str(out), "--readme", str(readme)])
+  import json
+  (row,) = json.loads(out.read_text())
+  assert row["objective"] == "clip" and row["steps"] == 3
+  assert 0.0 <= row["zeroshot_acc1"] <= 1.0
+  text = readme.read_text()
+  assert "old table" not in text and "| clip | " in text
+  assert text.startswith("intro\n") and text.endswith("outro\n")
