@@ -30,9 +30,11 @@ def load_config(name: str, arg: str = ""):
   return module.get_config(arg)
 
 
-def tiny_config(**overrides):
-  config = load_config("clip_shapes", f"size=tiny,steps={TINY_STEPS}")
+def tiny_config(name: str = "clip_shapes", **overrides):
+  """``configs/<name>.py`` at ``size=tiny`` with ``{"a.b": value}`` (or ``a__b=value``) set."""
+  config = load_config(name, f"size=tiny,steps={TINY_STEPS}")
   for key, value in overrides.items():
+    key = key.replace("__", ".")
     node = config
     *path, last = key.split(".")
     for p in path:

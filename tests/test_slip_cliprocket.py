@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import load_config
+from conftest import tiny_config
 from contrastive_jax import losses, optim, parallel, train
 from contrastive_jax.data import pipeline
 
@@ -89,14 +89,7 @@ def test_smoothed_ring_matches_global_values_and_gradients(num_devices, block_si
 
 def _config(name, **changes):
   """The tiny config ``name`` with ``a__b=value`` changes."""
-  config = load_config(name, "size=tiny")
-  for key, value in changes.items():
-    node = config
-    *path, last = key.split("__")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
+  return tiny_config(name, **changes)
 
 
 def _objective(name, **changes):

@@ -90,7 +90,27 @@ def sample_image_tokens(image_tokens, image_mask, keep, rng, *, axis_name=None):
   return tokens, mask
 
 
-def _prepare(tokens, mask):
+def reduce_image_tokens(image_tokens, image_mask, keep, rng, *, axis_name=None):
+  """Validates ``keep`` and applies :func:`sample_image_tokens` when it is below 1.
+
+  Returns ``(image_tokens, image_mask)``; ``image_mask`` stays None when it was None and no
+  token is dropped.
+  """
+  if keep is None:
+    return image_tokens, image_mask
+  if not 0.0 < keep <= 1.0:
+    raise ValueError(f"keep_image_tokens={keep}; expected a fraction in (0, 1].")
+  if keep == 1.0:
+    return image_tokens, image_mask
+  if rng is None:
+    raise ValueError("keep_image_tokens < 1 needs an rng key.")
+  if image_mask is None:
+    image_mask = jnp.ones(image_tokens.shape[:2], bool)
+  return sample_image_tokens(image_tokens, jnp.asarray(image_mask, bool), keep, rng,
+                             axis_name=axis_name)
+
+
+def prepare_tokens(tokens, mask):
   """Zeroes padded tokens (before normalising, so even NaN padding stays inert), then L2-normalises."""
   tokens = jnp.where(mask[..., None], tokens, jnp.zeros((), tokens.dtype))
   return common.l2_normalize(tokens)
@@ -117,8 +137,8 @@ def filip_scores(image_tokens, text_tokens, text_mask, *, image_mask=None, axis_
   if image_mask is None:
     image_mask = jnp.ones(image_tokens.shape[:2], bool)
   image_mask = jnp.asarray(image_mask, bool)
-  x = _prepare(image_tokens, image_mask)
-  y = _prepare(text_tokens, text_mask)
+  x = prepare_tokens(image_tokens, image_mask)
+  y = prepare_tokens(text_tokens, text_mask)
   x_all = common.all_gather_rows(x, axis_name)
   y_all = common.all_gather_rows(y, axis_name)
   image_mask_all = common.all_gather_rows(image_mask, axis_name)
@@ -159,18 +179,8 @@ def filip_loss(image_tokens, text_tokens, text_mask, logit_scale, *, image_mask=
     batch (given the same ``rng``); ``metrics`` holds ``i2t_acc``, ``t2i_acc`` (in-batch
     top-1), ``pos_logit`` and ``neg_logit`` (mean positive / off-diagonal image->text logit).
   """
-  if keep_image_tokens is not None:
-    if not 0.0 < keep_image_tokens <= 1.0:
-      raise ValueError(f"keep_image_tokens={keep_image_tokens}; expected a fraction in (0, 1].")
-    if keep_image_tokens < 1.0:
-      if rng is None:
-        raise ValueError("keep_image_tokens < 1 needs an rng key.")
-      if image_mask is None:
-        image_mask = jnp.ones(image_tokens.shape[:2], bool)
-      image_tokens, image_mask = sample_image_tokens(
-          image_tokens, jnp.asarray(image_mask, bool), keep_image_tokens, rng,
-          axis_name=axis_name)
-
+  image_tokens, image_mask = reduce_image_tokens(image_tokens, image_mask, keep_image_tokens,
+                                                rng, axis_name=axis_name)
   scores_i2t, scores_t2i, labels = filip_scores(
       image_tokens, text_tokens, text_mask, image_mask=image_mask, axis_name=axis_name)
   scale = jnp.asarray(logit_scale, jnp.float32)

@@ -228,17 +228,11 @@ def ring_filip_loss(image_tokens, text_tokens, text_mask, logit_scale, *, image_
     image_mask = jnp.ones(image_tokens.shape[:2], bool)
   image_mask = jnp.asarray(image_mask, bool)
   text_mask = jnp.asarray(text_mask, bool)
-  if keep_image_tokens is not None:
-    if not 0.0 < keep_image_tokens <= 1.0:
-      raise ValueError(f"keep_image_tokens={keep_image_tokens}; expected a fraction in (0, 1].")
-    if keep_image_tokens < 1.0:
-      if rng is None:
-        raise ValueError("keep_image_tokens < 1 needs an rng key.")
-      image_tokens, image_mask = filip.sample_image_tokens(
-          image_tokens, image_mask, keep_image_tokens, rng, axis_name=axis_name)
+  image_tokens, image_mask = filip.reduce_image_tokens(
+      image_tokens, image_mask, keep_image_tokens, rng, axis_name=axis_name)
 
-  x = filip._prepare(image_tokens, image_mask)  # pylint: disable=protected-access
-  y = filip._prepare(text_tokens, text_mask)  # pylint: disable=protected-access
+  x = filip.prepare_tokens(image_tokens, image_mask)
+  y = filip.prepare_tokens(text_tokens, text_mask)
   # A device-varying copy of the scale (its gradient is summed back over devices by JAX).
   scale = jnp.asarray(logit_scale, jnp.float32) + jnp.zeros_like(x[0, 0, 0])
   b = x.shape[0]

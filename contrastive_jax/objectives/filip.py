@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from contrastive_jax import losses
-from contrastive_jax.objectives import base
+from contrastive_jax.objectives.clip import Clip
 
 
-class Filip:
+class Filip(Clip):
   """Image-text pretraining with FILIP's loss on the projected patch and text tokens, in its
   memory-lean ring form (:func:`contrastive_jax.losses.ring_filip_loss`, equal to
   ``filip_loss``).
@@ -18,18 +18,9 @@ class Filip:
   was trained on).
   """
 
-  batch_keys = ("image", "text", "text_mask")
-
   def __init__(self, config, tokenizer):
-    self.model = base.two_tower_from_config(
-        config.model, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
-        logit_scale_init=config.model.get("logit_scale_init", base.TwoTower.logit_scale_init))
-    self.block_size = config.loss.get("block_size")
+    super().__init__(config, tokenizer)
     self.keep_image_tokens = config.loss.get("keep_image_tokens")
-
-  def init(self, rng, batch):
-    variables = self.model.init(rng, batch["image"], batch["text"], batch["text_mask"])
-    return variables["params"], {}
 
   def loss(self, params, state, batch, rng, *, axis_name=None):
     out = self.model.apply({"params": params}, batch["image"], batch["text"], batch["text_mask"])

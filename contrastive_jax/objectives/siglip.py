@@ -6,12 +6,13 @@ import math
 
 from contrastive_jax import losses
 from contrastive_jax.objectives import base
+from contrastive_jax.objectives.clip import Clip
 
 SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)
 SIGLIP_LOGIT_BIAS_INIT = -10.0
 
 
-class Siglip:
+class Siglip(Clip):
   """Image-text pretraining with SigLIP's loss in its memory-lean ring form
   (:func:`contrastive_jax.losses.ring_siglip_loss`, equal to ``siglip_loss``).
 
@@ -19,18 +20,12 @@ class Siglip:
   bias at ``config.model.logit_bias_init`` (−10), the paper's initialisation.
   """
 
-  batch_keys = ("image", "text", "text_mask")
-
   def __init__(self, config, tokenizer):
     self.model = base.two_tower_from_config(
         config.model, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
         logit_scale_init=config.model.get("logit_scale_init", SIGLIP_LOGIT_SCALE_INIT),
         logit_bias_init=config.model.get("logit_bias_init", SIGLIP_LOGIT_BIAS_INIT))
     self.block_size = config.loss.get("block_size") if "loss" in config else None
-
-  def init(self, rng, batch):
-    variables = self.model.init(rng, batch["image"], batch["text"], batch["text_mask"])
-    return variables["params"], {}
 
   def loss(self, params, state, batch, rng, *, axis_name=None):
     del rng  # no stochastic layers
