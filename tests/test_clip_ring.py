@@ -120,3 +120,18 @@ def test_weighted_directions_ring_matches_reference(weight):
   sharding = parallel.batch_sharding(mesh)
   (got, got_metrics), got_grads = fn(jax.device_put(x, sharding), jax.device_put(y, sharding), s)
   _assert_match((got, got_metrics, got_grads), (loss, metrics, grads))
+
+
+@pytest.mark.parametrize("num_devices,block_size", [(8, None), (2, 4)])
+def test_exact_ties_resolve_to_the_lowest_index_like_a_dense_argmax(num_devices, block_size):
+  # Duplicated embeddings tie across devices: the ring's argmax must pick the lowest global
+  # index, as clip_loss's dense argmax does, whatever order the shards arrive in.
+  x, y = _embeddings()
+  x = jnp.concatenate([x[:4]] * 8)
+  y = jnp.concatenate([y[:4]] * 8)
+  s = jnp.float32(9.0)
+  got = _sharded(x, y, s, num_devices, block_size)
+  want = _reference(x, y, s)
+  np.testing.assert_allclose(got[1]["i2t_acc"], want[1]["i2t_acc"])
+  np.testing.assert_allclose(got[1]["t2i_acc"], want[1]["t2i_acc"])
+  assert float(want[1]["i2t_acc"]) < 1.0  # the ties are real: most rows lose them

@@ -31,6 +31,13 @@ def row_blocks(x, block_size):
   return x.reshape(b // c, c, x.shape[-1])
 
 
+def _wins(value, index, best, best_index):
+  """True where ``(value, index)`` beats the running ``(best, best_index)``: a higher value, or
+  an equal one at a lower global index (a dense ``argmax``'s tie rule, whatever the ring
+  order)."""
+  return (value > best) | ((value == best) & (index < best_index))
+
+
 def lse_argmax_stats(xs, y, axis_name, block_size):
   """Ring pass: running LSE/argmax statistics of ``Z = xs @ yᵀ`` over the global batch.
 
@@ -56,8 +63,8 @@ def lse_argmax_stats(xs, y, axis_name, block_size):
       z = x_blk @ y_blk.T  # [c, b]
       col_lse = jnp.logaddexp(col_lse, jax.nn.logsumexp(z, axis=0))
       blk_max = jnp.max(z, axis=0)
-      better = blk_max > col_max
-      col_arg = jnp.where(better, me * b + first_row + jnp.argmax(z, axis=0), col_arg)
+      blk_arg = me * b + first_row + jnp.argmax(z, axis=0)
+      col_arg = jnp.where(_wins(blk_max, blk_arg, col_max, col_arg), blk_arg, col_arg)
       col_max = jnp.maximum(col_max, blk_max)
       return (col_lse, col_max, col_arg), (jax.nn.logsumexp(z, axis=1), jnp.max(z, axis=1),
                                            jnp.argmax(z, axis=1))
@@ -66,8 +73,8 @@ def lse_argmax_stats(xs, y, axis_name, block_size):
     (col_lse, col_max, col_arg), (lse, mx, arg) = jax.lax.scan(
         block_step, (col_lse, col_max, col_arg), (x_blocks, first_rows))
     lse, mx, arg = lse.reshape(b), mx.reshape(b), arg.reshape(b)
-    better = mx > row_max
-    row_arg = jnp.where(better, owner * b + arg, row_arg)
+    arg = owner * b + arg
+    row_arg = jnp.where(_wins(mx, arg, row_max, row_arg), arg, row_arg)
     row_max = jnp.maximum(row_max, mx)
     row_lse = jnp.logaddexp(row_lse, lse)
     visiting = ring_shift((y_blk, col_lse, col_max, col_arg), axis_name)
