@@ -37,3 +37,11 @@ def two_tower_from_config(model_config, *, vocab_size: int, context_length: int,
                 dtype=dtype_from_config(model_config.get("dtype", "float32")))
   kwargs.update(overrides)
   return TwoTower(**kwargs)
+
+
+def clip_two_tower(config, tokenizer) -> TwoTower:
+  """The two-tower of ``config.model`` with CLIP's logit-scale init unless the config sets one
+  (shared by the CLIP-based objectives)."""
+  return two_tower_from_config(
+      config.model, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
+      logit_scale_init=config.model.get("logit_scale_init", TwoTower.logit_scale_init))

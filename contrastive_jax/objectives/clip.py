@@ -14,9 +14,7 @@ class Clip:
   batch_keys = ("image", "text", "text_mask")
 
   def __init__(self, config, tokenizer):
-    self.model = base.two_tower_from_config(
-        config.model, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
-        logit_scale_init=config.model.get("logit_scale_init", base.TwoTower.logit_scale_init))
+    self.model = base.clip_two_tower(config, tokenizer)
     self.block_size = config.loss.get("block_size") if "loss" in config else None
 
   def init(self, rng, batch):

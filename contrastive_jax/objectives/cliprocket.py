@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from contrastive_jax import losses
-from contrastive_jax.models import TwoTower
-from contrastive_jax.objectives.slip import MLPHead, clip_tower
+from contrastive_jax.models import MLPHead, TwoTower
+from contrastive_jax.objectives import base
 
 # The reference initialises the local scale at 1 / 0.1.
 LOCAL_LOGIT_SCALE_INIT = math.log(10.0)
@@ -118,7 +118,7 @@ class ClipRocket:
                        "config.data.views.text.")
     head = config.model.local_head
     self.model = ClipRocketModel(
-        clip=clip_tower(config, tokenizer), hidden=head.hidden, num_layers=head.get("layers", 3),
+        clip=base.clip_two_tower(config, tokenizer), hidden=head.hidden, num_layers=head.get("layers", 3),
         local_logit_scale_init=head.get("logit_scale_init", LOCAL_LOGIT_SCALE_INIT))
     self.batch_keys = ("image", "text", "text_mask")
     if self.num_aug:

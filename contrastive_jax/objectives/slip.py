@@ -9,35 +9,11 @@ temperature, gathered with gradient. The CLIP term sees the pipeline's ``image``
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
-import jax.numpy as jnp
 
 from contrastive_jax import losses
-from contrastive_jax.models import TwoTower
+from contrastive_jax.models import MLPHead, TwoTower
 from contrastive_jax.objectives import base
-
-
-class MLPHead(nn.Module):
-  """``num_layers`` dense layers with LayerNorm + ReLU between them (float32 output).
-
-  SLIP's and CLIP🚀's heads use BatchNorm (synchronised across devices); LayerNorm keeps the
-  head stateless and per-example, so the model needs no batch statistics.
-  """
-
-  hidden: int
-  out: int
-  num_layers: int = 3
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.num_layers - 1):
-      x = nn.Dense(self.hidden, dtype=self.dtype, name=f"dense_{i}")(x)
-      x = nn.relu(nn.LayerNorm(dtype=self.dtype, name=f"norm_{i}")(x))
-    x = nn.Dense(self.out, dtype=self.dtype, name=f"dense_{self.num_layers - 1}")(x)
-    return x.astype(jnp.float32)
 
 
 class SlipModel(nn.Module):
@@ -71,13 +47,6 @@ class SlipModel(nn.Module):
     return out
 
 
-def clip_tower(config, tokenizer) -> TwoTower:
-  """The two-tower of ``config.model``, with its logit-scale init (shared by SLIP, CLIP🚀)."""
-  return base.two_tower_from_config(
-      config.model, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
-      logit_scale_init=config.model.get("logit_scale_init", TwoTower.logit_scale_init))
-
-
 class Slip:
   """SLIP with the settings of ``config``:
 
@@ -94,7 +63,7 @@ class Slip:
     if num_views != 2:
       raise ValueError(f"SLIP contrasts two views; config.data.views.ssl.num={num_views}.")
     head = config.model.ssl_head
-    self.model = SlipModel(clip=clip_tower(config, tokenizer), ssl_hidden=head.hidden,
+    self.model = SlipModel(clip=base.clip_two_tower(config, tokenizer), ssl_hidden=head.hidden,
                            ssl_dim=head.dim, ssl_layers=head.get("layers", 3))
     self.block_size = config.loss.get("block_size")
     self.ssl_scale = config.loss.ssl_scale
