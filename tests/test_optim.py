@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from contrastive_jax import optim
 
@@ -55,3 +56,51 @@ def test_schedule_warmup_and_cosine():
   np.testing.assert_allclose([sched(0), sched(5), sched(10)], [0.0, 1.0, 2.0], rtol=1e-6)
   np.testing.assert_allclose(sched(60), 1.0, rtol=1e-5)
   np.testing.assert_allclose(sched(110), 0.0, atol=1e-6)
+
+
+def _train(tx, params, grads, steps):
+  state = tx.init(params)
+  history = []
+  for _ in range(steps):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    history.append(params)
+  return history
+
+
+def test_frozen_leaves_do_not_move_then_train_without_stale_moments():
+  params = {"prototypes": jnp.ones((3, 2)) / jnp.sqrt(2.0), "head": {"kernel": jnp.ones((2, 2))}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = optim.make_optimizer(_config(warmup_steps=0, learning_rate=0.1, name="sgd",
+                                    momentum=0.9, freeze={"prototypes": 3}),
+                            total_steps=100, logit_scale_max=None)
+  history = _train(tx, params, grads, 5)
+  for p in history[:3]:  # frozen: weight decay and momentum included
+    np.testing.assert_array_equal(p["prototypes"], params["prototypes"])
+  assert not np.allclose(history[0]["head"]["kernel"], params["head"]["kernel"])
+  # Step 4 is the first update: SGD momentum starts from zero, so it moves by lr·(g + wd·p) only.
+  expected = params["prototypes"] - 0.1 * (1.0 + 0.1 * params["prototypes"]) * (
+      optim.learning_rate_schedule(_config(learning_rate=1.0, warmup_steps=0), 100)(3))
+  np.testing.assert_allclose(history[3]["prototypes"], expected, rtol=1e-5)
+
+
+def test_unit_norm_rows_keep_prototypes_on_the_sphere():
+  params = {"prototypes": jnp.array([[0.6, 0.8], [1.0, 0.0]]), "w": jnp.ones((2, 2))}
+  grads = {"prototypes": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "w": jnp.ones((2, 2))}
+  tx = optim.make_optimizer(_config(warmup_steps=0, learning_rate=0.5, unit_norm=["prototypes"]),
+                            total_steps=10, logit_scale_max=None)
+  for p in _train(tx, params, grads, 3):
+    np.testing.assert_allclose(np.linalg.norm(p["prototypes"], axis=-1), 1.0, rtol=1e-6)
+    assert not np.allclose(np.linalg.norm(p["w"], axis=-1), 1.0)
+
+
+def test_lars_and_unknown_optimizer():
+  params = {"w": jnp.full((2, 2), 2.0), "b": jnp.ones(2)}
+  tx = optim.make_optimizer(_config(warmup_steps=0, learning_rate=1.0, name="lars",
+                                    weight_decay=0.0, momentum=0.0), 10, logit_scale_max=None)
+  updates, _ = tx.update({"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, tx.init(params), params)
+  # LARS scales the kernel's step by trust · ||w|| / ||g|| = 1e-3 · 4 / 2; the bias is excluded.
+  np.testing.assert_allclose(updates["w"], -1e-3 * 2.0, rtol=1e-5)
+  np.testing.assert_allclose(updates["b"], -1.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="config.optimizer.name='adam'"):
+    optim.make_optimizer(_config(name="adam"), 10)
