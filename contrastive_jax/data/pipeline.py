@@ -2,8 +2,26 @@
 
 Each host builds the dataset for its own rows of every global batch; the trainer turns
 them into global ``jax.Array``s (``parallel.to_global``). The *data position* is the number
-of steps already consumed: a source that is indexable (shapes) resumes exactly by skipping
-to ``start_step * global_batch_size``.
+of steps already consumed: every source is indexable by the global stream position, so a run
+resumes exactly by skipping to ``start_step * global_batch_size``.
+
+Sources (``config.data.source``):
+
+* ``"shapes"``: the embedded image-text scenes (:mod:`contrastive_jax.data.shapes`); position
+  ``p`` is scene ``p`` (an endless stream of new scenes). Without a tokenizer (image-only
+  configs) the batches have ``image`` / ``label`` / ``index`` only.
+* ``"fashion_mnist"``: image-only Fashion-MNIST (:mod:`contrastive_jax.data.fashion_mnist`),
+  an endless stream of per-epoch stateless permutations of the 60000 training images; batches
+  have ``image`` / ``label`` / ``index`` (no text keys). Images are 28 px; another
+  ``config.data.image_size`` resizes them (bilinear, antialiased, rounded back to uint8) before
+  any other step, so ``image`` and the views all start from the resized image.
+  ``config.data.data_dir`` (optional) overrides where the idx files are read.
+
+``config.data.num_examples`` (optional) makes the training set finite, for methods with
+per-example state: scenes ``[0, n)`` of shapes, or the first ``n`` Fashion-MNIST images, read
+as a fresh stateless permutation every epoch (``fashion_mnist.shuffled_row``); ``index`` is
+then in ``[0, n)``, and augmentations are keyed by the stream position, so they change every
+epoch.
 
 Batch keys (the contract between data and objectives):
 
@@ -21,13 +39,19 @@ key                  shape / dtype                meaning
 ``local_views``      float32 ``[B, N, h, w, 3]``  CLIP🚀: ``N`` caption-paired crops
 ``text_aug``         int32 ``[B, M, L]``          CLIP🚀: ``M`` augmented captions
 ``text_aug_mask``    bool ``[B, M, L]``           True on their real tokens
+``crops``            float32 ``[B, N, s, s, 3]``  SwAV: ``N`` small multi-crop views
+``view_boxes``       float32 ``[B, V, 4]``        crop box of each ``views`` entry, ``(x0, y0,
+                                                  x1, y1)`` in ``[0, 1]``; ``x0 > x1``: flipped
 ===================  ===========================  =============================================
 
 Objectives that need more than one view of an example ask for it in ``config.data``; each
 optional block adds its own keys (documented in its module):
 
 * ``config.data.subcaptions``: :mod:`contrastive_jax.data.subcaptions` (DreamLIP);
-* ``config.data.views``: :mod:`contrastive_jax.data.augment` (SLIP, CLIP🚀).
+* ``config.data.views``: :mod:`contrastive_jax.data.augment` (SLIP, CLIP🚀, SimCLR, SwAV,
+  PixPro); image-only sources accept the image groups only.
+
+Image-only evaluation (kNN, linear probe) reads :func:`image_eval_dataset`.
 """
 
 from __future__ import annotations
@@ -38,7 +62,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from contrastive_jax.data import augment, shapes, subcaptions
+from contrastive_jax.data import augment, fashion_mnist, shapes, subcaptions
 from contrastive_jax.data.tokenizers import Tokenizer
 
 # key -> (rank, dtype kind) every objective can ask for; see the table above.
@@ -54,7 +78,12 @@ BATCH_SPEC = {
     "local_views": (5, "f"),
     "text_aug": (3, "i"),
     "text_aug_mask": (3, "b"),
+    "crops": (5, "f"),
+    "view_boxes": (3, "f"),
 }
+SOURCES = ("shapes", "fashion_mnist")
+# Sources whose examples have no captions (no text keys, subcaptions or text views).
+IMAGE_ONLY_SOURCES = ("fashion_mnist",)
 
 
 def scale_image(image: tf.Tensor) -> tf.Tensor:
@@ -77,10 +106,39 @@ def image_text_features(tokenizer: Tokenizer, text_key: str = "caption"):
   return fn
 
 
-def extra_feature_fns(data_config: Mapping[str, Any], tokenizer: Tokenizer) -> list:
+def image_features():
+  """Preprocessing of one image-only example (``image``, ``label``, ``index``)."""
+
+  def fn(example):
+    return {"image": scale_image(example["image"]),
+            "label": tf.cast(example["label"], tf.int32),
+            "index": tf.cast(example["index"], tf.int64)}
+
+  return fn
+
+
+def source_of(data_config: Mapping[str, Any]) -> str:
+  """``config.data.source``, checked against :data:`SOURCES`."""
+  source = data_config.get("source", "shapes")
+  if source not in SOURCES:
+    raise ValueError(f"config.data.source={source!r}; known sources: {list(SOURCES)}.")
+  return source
+
+
+def extra_feature_fns(data_config: Mapping[str, Any], tokenizer: Optional[Tokenizer]) -> list:
   """The optional per-example feature functions ``config.data`` asks for (see the module
   docstring); each maps a raw source example to a dict of extra batch keys."""
   fns = []
+  source = source_of(data_config)
+  if source in IMAGE_ONLY_SOURCES:
+    if data_config.get("subcaptions"):
+      raise ValueError(f"config.data.subcaptions needs long captions, but "
+                       f"config.data.source={source!r} is image-only.")
+    if (data_config.get("views") or {}).get("text"):
+      raise ValueError(f"config.data.views.text augments captions, but "
+                       f"config.data.source={source!r} is image-only.")
+  if tokenizer is None and data_config.get("subcaptions"):
+    raise ValueError("config.data.subcaptions needs a tokenizer (config.tokenizer).")
   if data_config.get("subcaptions"):
     fns.append(subcaptions.subcaption_features(tokenizer, seed=data_config.get("seed", 0),
                                                **data_config.subcaptions))
@@ -90,9 +148,13 @@ def extra_feature_fns(data_config: Mapping[str, Any], tokenizer: Tokenizer) -> l
   return fns
 
 
-def training_features(data_config: Mapping[str, Any], tokenizer: Tokenizer):
-  """``image_text_features`` plus the extra keys of :func:`extra_feature_fns`."""
-  base = image_text_features(tokenizer, data_config.get("text_key", "caption"))
+def training_features(data_config: Mapping[str, Any], tokenizer: Optional[Tokenizer]):
+  """The source's base features (``image_text_features``, or ``image_features`` for image-only
+  sources and without a tokenizer) plus the extra keys of :func:`extra_feature_fns`."""
+  if source_of(data_config) in IMAGE_ONLY_SOURCES or tokenizer is None:
+    base = image_features()
+  else:
+    base = image_text_features(tokenizer, data_config.get("text_key", "caption"))
   extras = extra_feature_fns(data_config, tokenizer)
 
   def fn(example):
@@ -124,16 +186,71 @@ def host_example_indices(start_step: int, global_batch_size: int) -> tf.data.Dat
   return tf.data.Dataset.range(start_step * per_host, np.iinfo(np.int64).max).map(to_global)
 
 
-def train_dataset(config, tokenizer: Tokenizer, *, start_step: int = 0) -> tf.data.Dataset:
-  """This host's batches of the training data, resumed at ``start_step``."""
+def _fashion_image_size(data_config: Mapping[str, Any]) -> int:
+  size = data_config.get("image_size", fashion_mnist.IMAGE_SIZE)
+  if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 512:
+    raise ValueError(f"config.data.image_size={size!r} for fashion_mnist; expected an int in "
+                     f"[8, 512] (the images are {fashion_mnist.IMAGE_SIZE} px; others resize).")
+  return size
+
+
+def resize_raw(size: int):
+  """``fn(raw example) -> raw example`` with its uint8 image resized to ``size × size``
+  (bilinear, antialiased, rounded); the identity at the source's own size."""
+
+  def fn(example):
+    if example["image"].shape[0] == size and example["image"].shape[1] == size:
+      return example
+    image = tf.image.resize(tf.cast(example["image"], tf.float32), [size, size],
+                            method="bilinear", antialias=True)
+    image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+    return dict(example, image=image)
+
+  return fn
+
+
+def _fashion_train_fn(data_config: Mapping[str, Any]):
+  example = fashion_mnist.train_example_fn(seed=data_config.get("seed", 0),
+                                           data_dir=data_config.get("data_dir"),
+                                           num_examples=data_config.get("num_examples"))
+  resize = resize_raw(_fashion_image_size(data_config))
+  return lambda position: resize(example(position))
+
+
+def _shapes_train_fn(data_config: Mapping[str, Any]):
+  scene = shapes.example_fn("train", **_shapes_kwargs(data_config))
+  n = data_config.get("num_examples")
+  if n is None:
+    return scene
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f"config.data.num_examples={n!r}; expected a positive int (or None: an "
+                     f"endless stream of new scenes).")
+  seed = data_config.get("seed", 0)
+
+  def fn(position):
+    position = tf.cast(position, tf.int64)
+    example = scene(fashion_mnist.shuffled_row(position, n, seed))
+    example["position"] = position
+    return example
+
+  return fn
+
+
+def train_dataset(config, tokenizer: Optional[Tokenizer] = None, *,
+                  start_step: int = 0) -> tf.data.Dataset:
+  """This host's batches of the training data, resumed at ``start_step``.
+
+  ``tokenizer``: tokenizes captions (None: image-only batches, see the module docstring).
+  """
   data = config.data
-  if data.source != "shapes":
-    raise ValueError(f"config.data.source={data.source!r}; known sources: ['shapes'].")
-  kwargs = _shapes_kwargs(data)
+  source = source_of(data)
+  if source == "shapes":
+    example_fn = _shapes_train_fn(data)
+  else:
+    example_fn = _fashion_train_fn(data)
   per_host = config.batch_size // jax.process_count()
   ds = host_example_indices(start_step, config.batch_size)
-  ds = ds.map(shapes.example_fn("train", **kwargs), num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
+  ds = ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.map(training_features(data, tokenizer), num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
   return ds.batch(per_host, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -153,6 +270,53 @@ def eval_dataset(data_config, tokenizer: Tokenizer, *, split: str = "test",
   if single_object:
     ds = ds.filter(lambda ex: ex["label"] >= 0)
   return ds.map(image_text_features(tokenizer, text_key), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def image_eval_dataset(data_config, *, split: str, num_examples: Optional[int] = None,
+                       single_object: bool = False) -> tf.data.Dataset:
+  """Unbatched, preprocessed labelled images for image-only evaluation (kNN, linear probe).
+
+  Elements are ``{"image": float32 [S, S, 3] in [-1, 1], "label": int32, "index": int64}``
+  in a fixed order, the same on every host (memory bank: ``split="train"``, queries:
+  ``split="test"``).
+
+  Args:
+    data_config: ``config.data``; its ``source`` picks the data.
+    split: ``"train"`` or ``"test"``. ``fashion_mnist``: the 60000 / 10000 images (resized to
+      ``data_config.image_size`` if it is not 28). ``shapes``: :func:`shapes.dataset`'s
+      splits, ``"train"`` with the training scenes' object range, ``"test"`` the canonical
+      one (as :func:`eval_dataset`).
+    num_examples: the first ``num_examples`` examples of the split (before any filtering).
+      None: the whole split, except that ``"train"`` is the training set
+      ``data_config.num_examples`` when that is set (required for the endless shapes
+      ``"train"`` split).
+    single_object: ``shapes`` only: keep the single-object scenes, the ones with a class
+      label (otherwise multi-object scenes come with label -1). Every Fashion-MNIST image
+      has a label, so it changes nothing there.
+  """
+  source = source_of(data_config)
+  if split == "train" and num_examples is None:
+    num_examples = data_config.get("num_examples")
+  if source == "fashion_mnist":
+    size = _fashion_image_size(data_config)
+    ds = fashion_mnist.dataset(split, data_dir=data_config.get("data_dir"),
+                               num_examples=num_examples)
+    ds = ds.map(resize_raw(size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    if split not in shapes.SPLITS:
+      raise ValueError(f"Unknown shapes split {split!r}; known: {list(shapes.SPLITS)}.")
+    if split == "train" and num_examples is None:
+      raise ValueError("The shapes train split is endless: image_eval_dataset needs "
+                       "num_examples (or a finite config.data.num_examples).")
+    objects = {}
+    if split == "train":  # the training scenes themselves (test: the canonical split)
+      objects = dict(min_objects=data_config.get("min_objects", 1),
+                     max_objects=data_config.get("max_objects", shapes.MAX_OBJECTS))
+    ds = shapes.dataset(split, seed=data_config.get("seed", 0),
+                        image_size=data_config.image_size, num_examples=num_examples, **objects)
+    if single_object:
+      ds = ds.filter(lambda ex: ex["label"] >= 0)
+  return ds.map(image_features(), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def as_numpy_batches(ds: tf.data.Dataset) -> Iterator[dict]:
