@@ -20,15 +20,16 @@ from ml_collections import config_flags
 
 from contrastive_jax import checkpointing, evaluate, optim, parallel, train_state, writers
 from contrastive_jax.data import pipeline, tokenizers
-from contrastive_jax.objectives import make_objective
+from contrastive_jax.objectives import base as objective_base, make_objective
 
 class NonFiniteLossError(FloatingPointError):
   """Training stopped on a non-finite loss."""
 
 
 def build(config):
-  """The pieces shared by training and evaluation: tokenizer, objective, mesh, optimizer."""
-  tokenizer = tokenizers.make_tokenizer(**config.tokenizer)
+  """The pieces shared by training and evaluation: tokenizer (None for image-only configs,
+  which have no ``config.tokenizer``), objective, mesh, optimizer."""
+  tokenizer = tokenizers.make_tokenizer(**config.tokenizer) if "tokenizer" in config else None
   objective = make_objective(config, tokenizer)
   mesh = parallel.make_mesh(config.parallel.data_axis_size)
   parallel.check_batch_size(config.batch_size, mesh)
@@ -96,7 +97,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   def run_eval(step, t=None):
     del t
     with progress.timed("eval"):
-      results = evaluate.run_evaluators(config, encoders, state.params, tokenizer, mesh)
+      variables = objective_base.eval_variables(objective, state.params, state.objective_state)
+      results = evaluate.run_evaluators(config, encoders, variables, tokenizer, mesh)
     writer.write_scalars(step, results)
     logging.info("Step %d evaluation: %s", step, json.dumps(results, sort_keys=True))
     return results
@@ -134,10 +136,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   return results
 
 
-def restore_params(config, checkpoint_dir: str, step: Optional[int] = None):
-  """Restores a run's parameters without training data or a concrete initialisation.
+def restore_variables(config, checkpoint_dir: str, step: Optional[int] = None):
+  """Restores a run's evaluation variables without training data or a concrete initialisation.
 
-  Returns ``(tokenizer, objective, mesh, params, step)``; the state structure comes from
+  Returns ``(tokenizer, objective, mesh, variables, step)`` where ``variables`` are what the
+  evaluators apply the model with (``{"params": ...}``, plus ``batch_stats`` for models with
+  BatchNorm; :func:`objectives.base.eval_variables`); the state structure comes from
   ``config`` (abstract shapes only), so a checkpoint of another model shape fails clearly.
   """
   tokenizer, objective, mesh, optimizer = build(config)
@@ -148,7 +152,8 @@ def restore_params(config, checkpoint_dir: str, step: Optional[int] = None):
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                           jax.eval_shape(create, sample))
   state, meta = checkpointing.restore(checkpointing.manager_at(checkpoint_dir), abstract, step)
-  return tokenizer, objective, mesh, state.params, meta["step"]
+  variables = objective_base.eval_variables(objective, state.params, state.objective_state)
+  return tokenizer, objective, mesh, variables, meta["step"]
 
 
 def main():

@@ -104,3 +104,46 @@ def test_unknown_scoring_names_the_key():
   config.eval.scoring = "maxsim"
   with pytest.raises(ValueError, match="config.eval.scoring"):
     evaluate.run_evaluators(config, None, None, None, None)
+
+
+def test_weighted_knn_by_hand():
+  from contrastive_jax.evaluate import knn
+  bank = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+  labels = np.array([0, 1, 1, 2])
+  query = np.array([[2.0, 0.2]])  # cosines: 0.995, 0.855, 0.0995, -0.995
+  cos = (bank @ query[0]) / np.linalg.norm(query[0])
+  # k = 1: the nearest neighbour's label, whatever the temperature.
+  np.testing.assert_array_equal(np.argmax(knn.knn_logits(query, bank, labels, num_classes=3,
+                                                         k=1), axis=1), [0])
+  # k = 3: class votes are sums of exp(cos / T) over the three nearest.
+  scores = knn.knn_logits(query, bank, labels, num_classes=3, k=3, temperature=1.0)
+  expected = [np.exp(cos[0]), np.exp(cos[1]) + np.exp(cos[2]), 0.0]
+  np.testing.assert_allclose(scores[0], expected, rtol=1e-5)
+  assert np.argmax(scores[0]) == 1  # two weaker neighbours outvote the nearest one
+  # Chunking does not change the answer.
+  many = np.random.RandomState(0).normal(size=(37, 2))
+  np.testing.assert_allclose(knn.knn_logits(many, bank, labels, num_classes=3, k=2, chunk=8),
+                             knn.knn_logits(many, bank, labels, num_classes=3, k=2), rtol=1e-6)
+
+
+def test_linear_probe_separates_separable_classes_and_l2_shrinks_it():
+  from contrastive_jax.evaluate import linear_probe
+  rng = np.random.RandomState(0)
+  centres = rng.normal(size=(4, 16)) * 3
+  labels = rng.randint(0, 4, size=400)
+  features = centres[labels] + rng.normal(size=(400, 16))
+  out = linear_probe.evaluate(features[:300], labels[:300], features[300:], labels[300:],
+                              l2=1e-4, steps=100)
+  assert out["acc1"] == 1.0 and out["train_loss"] < 0.05
+  w_small = linear_probe.fit(features, labels, num_classes=4, l2=1e-4, steps=100)[0]
+  w_big = linear_probe.fit(features, labels, num_classes=4, l2=1.0, steps=100)[0]
+  assert np.linalg.norm(w_big) < 0.5 * np.linalg.norm(w_small)
+
+
+def test_image_only_evaluators_read_the_training_source():
+  from conftest import tiny_config
+  from contrastive_jax import evaluate
+  config = tiny_config("simclr_shapes")
+  config.eval.evaluators.knn.dataset = "fashion_mnist"
+  with pytest.raises(ValueError, match="evaluators.knn.dataset='fashion_mnist'"):
+    evaluate.run_evaluators(config, None, None, None, None)

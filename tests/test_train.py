@@ -54,8 +54,8 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tiny_run, tmp_path)
   resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed from step {killed_at}" in resumed.stderr
-  params, step = train.restore_params(config, os.path.join(workdir, "checkpoints"))[3:]
-  reference, _ = train.restore_params(config, os.path.join(reference_dir, "checkpoints"))[3:]
+  params, step = train.restore_variables(config, os.path.join(workdir, "checkpoints"))[3:]
+  reference, _ = train.restore_variables(config, os.path.join(reference_dir, "checkpoints"))[3:]
   assert step == TINY_STEPS
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
     np.testing.assert_array_equal(a, b)

@@ -1,25 +1,74 @@
-"""Evaluators: zero-shot classification and retrieval (more in later issues).
+"""Evaluators: zero-shot classification, retrieval, weighted kNN and linear probe.
 
 ``run_evaluators`` runs every evaluator named in ``config.eval.evaluators`` and returns
-metrics keyed ``<kind>/<dataset>/<metric>`` (e.g. ``zeroshot/shapes/acc1``).
+metrics keyed ``<kind>/<dataset>/<metric>`` (e.g. ``zeroshot/shapes/acc1``,
+``knn/fashion_mnist/acc1``).
+
+Image-text evaluators (``zeroshot``, ``retrieval``) need a model with ``encode_text``; the
+image-only ones (``knn``, ``linear_probe``) embed the images of a labelled training split
+(``train_split``, at most ``num_train`` examples) and a test split (``test_split``,
+``num_test``) with ``encode_image`` and classify the test features: ``knn`` with ``k`` and
+``temperature``, ``linear_probe`` with ``l2`` and ``steps`` (L-BFGS). Their ``dataset`` is the
+training data's source (``config.data.source``), read with ``config.data``'s settings.
 """
 
 from __future__ import annotations
 
 from typing import Dict
 
-from contrastive_jax.data import pipeline, shapes
-from contrastive_jax.evaluate import embedding, retrieval, zeroshot
+import numpy as np
 
-KINDS = ("zeroshot", "retrieval")
+from contrastive_jax.data import pipeline, shapes
+from contrastive_jax.evaluate import embedding, knn, linear_probe, retrieval, zeroshot
+
+KINDS = ("zeroshot", "retrieval", "knn", "linear_probe")
+IMAGE_TEXT_DATASETS = ("shapes",)
 jitted_encoders = embedding.jitted_encoders
 # dataset name -> (class names, prompt templates) for zero-shot classification.
 CLASSIFICATION_PROMPTS = {"shapes": (shapes.CLASS_NAMES, shapes.PROMPT_TEMPLATES)}
 
 
-def run_evaluators(config, encoders, params, tokenizer, mesh) -> Dict[str, float]:
-  """Runs ``config.eval.evaluators``; ``encoders`` from :func:`embedding.jitted_encoders`."""
-  results = {}
+def image_features(encoders, variables, data_config, mesh, batch_size: int, *, split: str,
+                   num_examples=None):
+  """``(features [n, D], labels [n])`` of a labelled split of ``data_config.source``
+  (shapes: single-object scenes only, the ones with a class label)."""
+  ds = pipeline.image_eval_dataset(data_config, split=split, num_examples=num_examples,
+                                   single_object=data_config.source == "shapes")
+  labels = []
+
+  def batches():
+    for batch in ds.batch(batch_size).as_numpy_iterator():
+      labels.append(batch["label"])
+      yield batch
+
+  features = embedding.embed_batches(encoders.image, variables, batches(), ("image",), mesh,
+                                     batch_size)
+  return features, np.concatenate(labels)
+
+
+def _image_only(name, ev, config, encoders, variables, mesh, cache) -> Dict[str, float]:
+  if ev.dataset != config.data.source:
+    raise ValueError(f"config.eval.evaluators.{name}.dataset={ev.dataset!r}; {ev.kind} reads "
+                     f"the training source config.data.source={config.data.source!r}.")
+
+  def features(split, num_examples):  # kNN and linear probe share the embedded splits
+    if (split, num_examples) not in cache:
+      cache[split, num_examples] = image_features(
+          encoders, variables, config.data, mesh, config.eval.batch_size, split=split,
+          num_examples=num_examples)
+    return cache[split, num_examples]
+
+  train = features(ev.get("train_split", "train"), ev.get("num_train"))
+  test = features(ev.get("test_split", "test"), ev.get("num_test"))
+  if ev.kind == "knn":
+    return knn.evaluate(*train, *test, k=ev.get("k", 200), temperature=ev.get("temperature", 0.1))
+  return linear_probe.evaluate(*train, *test, l2=ev.get("l2", 1e-4), steps=ev.get("steps", 200))
+
+
+def run_evaluators(config, encoders, variables, tokenizer, mesh) -> Dict[str, float]:
+  """Runs ``config.eval.evaluators``; ``encoders`` from :func:`embedding.jitted_encoders`,
+  ``variables`` the model's flax variables (``objectives.base.eval_variables``)."""
+  results, cache = {}, {}
   batch_size = config.eval.batch_size
   # 'pooled' (cosine of pooled embeddings) or 'late_interaction' (FILIP's token-wise scores).
   scoring = config.eval.get("scoring", "pooled")
@@ -28,18 +77,21 @@ def run_evaluators(config, encoders, params, tokenizer, mesh) -> Dict[str, float
   for name, ev in config.eval.evaluators.items():
     if ev.kind not in KINDS:
       raise ValueError(f"config.eval.evaluators.{name}.kind={ev.kind!r}; expected one of {KINDS}.")
-    if ev.dataset != "shapes":
-      raise ValueError(f"config.eval.evaluators.{name}.dataset={ev.dataset!r}; known: ['shapes'].")
-    if ev.kind == "zeroshot":
+    if ev.kind in ("knn", "linear_probe"):
+      out = _image_only(name, ev, config, encoders, variables, mesh, cache)
+    elif ev.dataset not in IMAGE_TEXT_DATASETS:
+      raise ValueError(f"config.eval.evaluators.{name}.dataset={ev.dataset!r}; known: "
+                       f"{list(IMAGE_TEXT_DATASETS)}.")
+    elif ev.kind == "zeroshot":
       ds = pipeline.eval_dataset(config.data, tokenizer, split=ev.split, single_object=True,
                                  num_examples=ev.get("num_examples"))
       names, templates = CLASSIFICATION_PROMPTS[ev.dataset]
-      out = zeroshot.evaluate(encoders, params, tokenizer, ds, names, templates, mesh, batch_size,
-                              scoring=scoring)
+      out = zeroshot.evaluate(encoders, variables, tokenizer, ds, names, templates, mesh,
+                              batch_size, scoring=scoring)
     else:
       ds = pipeline.eval_dataset(config.data, tokenizer, split=ev.split,
                                  num_examples=ev.get("num_examples"),
                                  text_key=config.data.get("text_key", "caption"))
-      out = retrieval.evaluate(encoders, params, ds, mesh, batch_size, scoring=scoring)
+      out = retrieval.evaluate(encoders, variables, ds, mesh, batch_size, scoring=scoring)
     results.update({f"{ev.kind}/{ev.dataset}/{k}": v for k, v in out.items()})
   return results

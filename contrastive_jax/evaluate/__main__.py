@@ -39,10 +39,11 @@ def main():
       directory, step = os.path.join(workdir_flag.value, "checkpoints"), step_flag.value
     else:
       raise app.UsageError("Give --workdir (and optionally --step) or --checkpoint.")
-    tokenizer, objective, mesh, params, step = train.restore_params(config, directory, step)
+    tokenizer, objective, mesh, variables, step = train.restore_variables(config, directory,
+                                                                         step)
     logging.info("Evaluating step %d from %s.", step, directory)
-    results = evaluate.run_evaluators(config, evaluate.jitted_encoders(objective.model), params,
-                                      tokenizer, mesh)
+    results = evaluate.run_evaluators(config, evaluate.jitted_encoders(objective.model),
+                                      variables, tokenizer, mesh)
     if jax.process_index() == 0:
       text = json.dumps({"step": step, **results}, indent=2, sort_keys=True)
       print(text)

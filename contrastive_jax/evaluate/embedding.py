@@ -18,8 +18,9 @@ def _host_rows(x: np.ndarray) -> np.ndarray:
 
 
 class Encoders(NamedTuple):
-  """Jitted encoders of one model: ``image(params, images) -> [n, E]`` and
-  ``text(params, tokens, mask) -> [n, E]`` pooled embeddings; ``image_tokens`` /
+  """Jitted encoders of one model: ``image(variables, images) -> [n, E]`` and
+  ``text(variables, tokens, mask) -> [n, E]`` pooled embeddings (``variables``: the flax
+  variables, ``{"params": ...}`` plus ``batch_stats`` for models with BatchNorm); ``image_tokens`` /
   ``text_tokens`` give L2-normalised token features ``[n, T, E]`` (padded text tokens zeroed)
   for late-interaction scoring. Each compiles on first use only."""
   image: Callable
@@ -38,10 +39,9 @@ def jitted_encoders(model) -> Encoders:
   """The :class:`Encoders` of ``model`` (``encode_image`` / ``encode_text`` returning
   ``(pooled, tokens)``). Build them once per model and reuse them, so periodic evaluations
   do not recompile."""
-  image = lambda params, images: model.apply({"params": params}, images,
-                                             method=model.encode_image)
-  text = lambda params, tokens, mask: model.apply({"params": params}, tokens, mask,
-                                                  method=model.encode_text)
+  image = lambda variables, images: model.apply(variables, images, method=model.encode_image)
+  text = lambda variables, tokens, mask: model.apply(variables, tokens, mask,
+                                                     method=model.encode_text)
   return Encoders(
       image=jax.jit(lambda p, x: image(p, x)[0]),
       text=jax.jit(lambda p, t, m: text(p, t, m)[0]),
@@ -49,9 +49,10 @@ def jitted_encoders(model) -> Encoders:
       text_tokens=jax.jit(lambda p, t, m: _normalized_tokens(text(p, t, m)[1], m)))
 
 
-def embed_batches(encode: Callable, params, batches: Iterable[Mapping[str, np.ndarray]],
+def embed_batches(encode: Callable, variables, batches: Iterable[Mapping[str, np.ndarray]],
                   keys, mesh, batch_size: int) -> np.ndarray:
-  """Applies the jitted ``encode(params, *[batch[k] for k in keys]) -> [n, ...]`` to every batch.
+  """Applies the jitted ``encode(variables, *[batch[k] for k in keys]) -> [n, ...]`` to every
+  batch.
 
   Batches (identical on every host) are padded to ``batch_size`` (a multiple of the device
   count, so every call has the same shapes and compiles once), sharded over the ``data``
@@ -65,7 +66,7 @@ def embed_batches(encode: Callable, params, batches: Iterable[Mapping[str, np.nd
       raise ValueError(f"Evaluation batch of {n} rows exceeds batch_size={batch_size}.")
     arrays = [np.concatenate([batch[k], np.repeat(batch[k][-1:], batch_size - n, 0)])
               for k in keys]
-    out = encode(params, *parallel.to_global([_host_rows(a) for a in arrays], mesh))
+    out = encode(variables, *parallel.to_global([_host_rows(a) for a in arrays], mesh))
     out = multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else out
     outs.append(np.asarray(out)[:n])
   return np.concatenate(outs)

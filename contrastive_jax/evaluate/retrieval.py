@@ -10,7 +10,7 @@ import tensorflow as tf
 from contrastive_jax.evaluate import embedding, late_interaction, metrics
 
 
-def evaluate(encoders, params, dataset: tf.data.Dataset, mesh, batch_size: int,
+def evaluate(encoders, variables, dataset: tf.data.Dataset, mesh, batch_size: int,
              ks=(1, 5, 10), scoring: str = "pooled") -> Dict[str, float]:
   """Recall@K both ways over a dataset of examples with ``image``, ``text``, ``text_mask``.
 
@@ -31,8 +31,8 @@ def evaluate(encoders, params, dataset: tf.data.Dataset, mesh, batch_size: int,
   token_level = scoring == "late_interaction"
   image_fn = encoders.image_tokens if token_level else encoders.image
   text_fn = encoders.text_tokens if token_level else encoders.text
-  images = embedding.embed_batches(image_fn, params, batches(True), ("image",), mesh, batch_size)
-  texts = embedding.embed_batches(text_fn, params, batches(False), ("text", "text_mask"), mesh,
+  images = embedding.embed_batches(image_fn, variables, batches(True), ("image",), mesh, batch_size)
+  texts = embedding.embed_batches(text_fn, variables, batches(False), ("text", "text_mask"), mesh,
                                   batch_size)
   tokens = np.concatenate(tokens)
   _, caption_id = np.unique(tokens, axis=0, return_inverse=True)

@@ -23,27 +23,27 @@ def _text_batches(tokenizer, texts, batch_size):
   return batches, mask
 
 
-def embed_texts(encoders, params, tokenizer, texts: Sequence[str], mesh, batch_size: int):
+def embed_texts(encoders, variables, tokenizer, texts: Sequence[str], mesh, batch_size: int):
   """Normalised embeddings ``[len(texts), E]`` of Python strings."""
   batches, _ = _text_batches(tokenizer, texts, batch_size)
-  emb = embedding.embed_batches(encoders.text, params, batches, ("text", "text_mask"),
+  emb = embedding.embed_batches(encoders.text, variables, batches, ("text", "text_mask"),
                                 mesh, batch_size)
   return embedding.normalize(emb)
 
 
-def classifier(encoders, params, tokenizer, class_names: Sequence[str],
+def classifier(encoders, variables, tokenizer, class_names: Sequence[str],
                templates: Sequence[str], mesh, batch_size: int) -> np.ndarray:
   """``[C, E]``: per class, the mean of its normalised template embeddings, normalised.
 
   ``templates`` are format strings with one ``{}`` or callables ``class_name -> prompt``.
   """
-  emb = embed_texts(encoders, params, tokenizer, _prompts(class_names, templates), mesh,
+  emb = embed_texts(encoders, variables, tokenizer, _prompts(class_names, templates), mesh,
                     batch_size)
   emb = emb.reshape(len(class_names), len(templates), -1).mean(axis=1)
   return embedding.normalize(emb)
 
 
-def evaluate(encoders, params, tokenizer, dataset: tf.data.Dataset, class_names, templates,
+def evaluate(encoders, variables, tokenizer, dataset: tf.data.Dataset, class_names, templates,
              mesh, batch_size: int, scoring: str = "pooled") -> Dict[str, float]:
   """Zero-shot metrics (``acc1``, ``acc5``, ``mean_per_class_recall``) on a dataset of
   preprocessed examples with ``image`` and ``label`` keys; ``encoders`` from
@@ -63,16 +63,16 @@ def evaluate(encoders, params, tokenizer, dataset: tf.data.Dataset, class_names,
       yield batch
 
   if scoring == "pooled":
-    weights = classifier(encoders, params, tokenizer, class_names, templates, mesh, batch_size)
-    images = embedding.embed_batches(encoders.image, params, batches(), ("image",), mesh,
+    weights = classifier(encoders, variables, tokenizer, class_names, templates, mesh, batch_size)
+    images = embedding.embed_batches(encoders.image, variables, batches(), ("image",), mesh,
                                      batch_size)
     logits = embedding.normalize(images) @ weights.T
   else:
     text_batches, text_mask = _text_batches(tokenizer, _prompts(class_names, templates),
                                             batch_size)
-    prompts = embedding.embed_batches(encoders.text_tokens, params, text_batches,
+    prompts = embedding.embed_batches(encoders.text_tokens, variables, text_batches,
                                       ("text", "text_mask"), mesh, batch_size)
-    images = embedding.embed_batches(encoders.image_tokens, params, batches(), ("image",),
+    images = embedding.embed_batches(encoders.image_tokens, variables, batches(), ("image",),
                                      mesh, batch_size)
     image_mask = np.ones(images.shape[:2], bool)
     logits = late_interaction.scores(images, image_mask, prompts, text_mask)

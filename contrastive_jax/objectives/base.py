@@ -8,7 +8,10 @@ An objective is a small object with
 * ``init(rng, batch) -> (params, objective_state)``; ``objective_state`` is an explicit
   pytree (queues, prototypes, EMA weights, per-sample statistics; ``{}`` when none);
 * ``loss(params, objective_state, batch, rng, *, axis_name) -> (loss, (metrics, new_state))``
-  on the local shard, with the global-batch loss on every device (the loss contract).
+  on the local shard, with the global-batch loss on every device (the loss contract);
+* optionally ``eval_variables(params, objective_state) -> variables``: the flax variables the
+  evaluators apply ``model.encode_image`` / ``encode_text`` with (models with BatchNorm add
+  their running ``batch_stats``); ``{"params": params}`` when absent.
 
 Adding a method means adding one module here and one entry in ``OBJECTIVES``.
 """
@@ -18,6 +21,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from contrastive_jax.models import TwoTower
+
+def eval_variables(objective, params, objective_state):
+  """The variables the evaluators use: ``objective.eval_variables`` or ``{"params": params}``."""
+  fn = getattr(objective, "eval_variables", None)
+  return fn(params, objective_state) if fn is not None else {"params": params}
+
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
