@@ -1,6 +1,7 @@
 """Objectives: which inputs, which model outputs, which loss, which extra state.
 
-``OBJECTIVES`` maps ``config.objective`` to a class built as ``cls(config, tokenizer)``;
+``OBJECTIVES`` maps ``config.objective`` to a class built as ``cls(config, tokenizer)``
+(``tokenizer`` is None for image-only configs);
 see :mod:`contrastive_jax.objectives.base` for the interface.
 """
 
@@ -8,14 +9,22 @@ from contrastive_jax.objectives.clip import Clip, Convirt
 from contrastive_jax.objectives.cliprocket import ClipRocket
 from contrastive_jax.objectives.dreamlip import DreamLip
 from contrastive_jax.objectives.filip import Filip
+from contrastive_jax.objectives.isogclr import ISogClr
+from contrastive_jax.objectives.mochi import Mochi
+from contrastive_jax.objectives.pixpro import PixPro
 from contrastive_jax.objectives.protoclip import ProtoClip
 from contrastive_jax.objectives.siglip import Siglip
+from contrastive_jax.objectives.simclr import Dcl, SimClr
 from contrastive_jax.objectives.slip import Slip
+from contrastive_jax.objectives.swav import Swav
 
 OBJECTIVES = {"clip": Clip, "convirt": Convirt, "siglip": Siglip, "filip": Filip,
               "dreamlip": DreamLip,
               "protoclip": ProtoClip,
-              "slip": Slip, "cliprocket": ClipRocket}
+              "slip": Slip, "cliprocket": ClipRocket,
+              # image-only (self-supervised)
+              "simclr": SimClr, "dcl": Dcl, "swav": Swav, "mochi": Mochi, "pixpro": PixPro,
+              "isogclr": ISogClr}
 
 
 def make_objective(config, tokenizer):
