@@ -78,12 +78,14 @@ def markdown(rows, header: str) -> str:
   return "\n".join(lines)
 
 
-def replace_in_readme(readme: str, table: str) -> None:
+def replace_in_readme(readme: str, table: str, markers=(START, END)) -> None:
+  """Replaces the text between the two ``markers`` of ``readme`` with ``table``."""
+  start, end = markers
   text = pathlib.Path(readme).read_text()
-  if START not in text or END not in text:
-    raise ValueError(f"{readme} has no {START} ... {END} markers to replace.")
-  block = f"{START}\n{table}\n{END}"
-  text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+  if start not in text or end not in text:
+    raise ValueError(f"{readme} has no {start} ... {end} markers to replace.")
+  block = f"{start}\n{table}\n{end}"
+  text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
   pathlib.Path(readme).write_text(text)
 
 

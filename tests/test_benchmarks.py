@@ -38,3 +38,26 @@ def test_compare_objectives_writes_its_table_into_a_readme(tmp_path):
   text = readme.read_text()
   assert "old table" not in text and "| clip | " in text
   assert text.startswith("intro\n") and text.endswith("outro\n")
+
+
+def test_ssl_fashion_mnist_reports_features_and_raw_pixels(tmp_path):
+  import json
+  import pytest
+  from contrastive_jax.data import fashion_mnist
+  if not fashion_mnist.available():
+    pytest.skip("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
+  bench = _load("ssl_fashion_mnist")
+  start, end = bench.MARKERS
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{start}\nold table\n{end}\noutro\n")
+  out = tmp_path / "results.json"
+  bench.main(["--methods", "simclr", "--size", "tiny", "--steps", "3", "--workdir",
+              str(tmp_path / "runs"), "--output", str(out), "--readme", str(readme)])
+  results = json.loads(out.read_text())
+  (run,) = results["runs"]
+  assert run["method"] == "simclr" and run["steps"] == 3
+  assert run["knn_curve"] == [[3, run["knn_acc1"]]]
+  # Raw pixels, same evaluator and the same 256 / 128 images: far above chance (10 classes).
+  assert results["raw_pixels"]["knn_acc1"] > 0.5
+  text = readme.read_text()
+  assert "old table" not in text and "| raw pixels |" in text and "| simclr |" in text
