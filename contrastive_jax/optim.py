@@ -135,8 +135,9 @@ def _freeze_labels(params: Any, names) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(opt_config, total_steps: int,
-                   logit_scale_max: Optional[float] = LOGIT_SCALE_MAX) -> optax.GradientTransformation:
+def make_optimizer(
+    opt_config, total_steps: int,
+    logit_scale_max: Optional[float] = LOGIT_SCALE_MAX) -> optax.GradientTransformation:
   """``clip_by_global_norm -> adamw | lars | sgd -> logit-scale projection -> [unit-norm rows]``
   (see the module docstring for the config fields).
 

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from contrastive_jax.models import TwoTower
 
 def eval_variables(objective, params, objective_state):
-  """The variables the evaluators use: ``objective.eval_variables`` or ``{"params": params}``."""
+  """The variables the evaluators use: ``objective.eval_variables`` or
+  ``{"params": params}``."""
   fn = getattr(objective, "eval_variables", None)
   return fn(params, objective_state) if fn is not None else {"params": params}
 
