@@ -7,6 +7,7 @@ monitor). Similarities are computed in query chunks, so memory is ``chunk × N_t
 
 from __future__ import annotations
 
+import functools
 from typing import Dict
 
 import jax
@@ -14,6 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastive_jax.evaluate import embedding, metrics
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _votes(query, bank, onehot, temperature, k):
+  """``[n, C]`` class votes of the ``k`` most similar bank rows (the bank is an argument, not
+  a constant baked into the compiled program)."""
+  sims, idx = jax.lax.top_k(query @ bank.T, k)
+  return jnp.einsum("qk,qkc->qc", jnp.exp(sims / temperature), onehot[idx])
 
 
 def knn_logits(query, bank, bank_labels, *, num_classes: int, k: int = 200,
@@ -31,20 +40,14 @@ def knn_logits(query, bank, bank_labels, *, num_classes: int, k: int = 200,
   bank = jnp.asarray(embedding.normalize(bank))
   onehot = jax.nn.one_hot(jnp.asarray(bank_labels), num_classes, dtype=jnp.float32)
   k = min(k, bank.shape[0])
-
-  @jax.jit
-  def scores(q):
-    sims, idx = jax.lax.top_k(q @ bank.T, k)
-    weights = jnp.exp(sims / temperature)
-    return jnp.einsum("qk,qkc->qc", weights, onehot[idx])
-
+  temperature = jnp.float32(temperature)
   query = embedding.normalize(query)
   out = []
   for start in range(0, len(query), chunk):
     q = query[start:start + chunk]
     pad = chunk - len(q)  # one compiled shape for every chunk
     q = np.concatenate([q, np.zeros((pad, q.shape[1]), q.dtype)]) if pad else q
-    out.append(np.asarray(scores(jnp.asarray(q)))[:chunk - pad])
+    out.append(np.asarray(_votes(jnp.asarray(q), bank, onehot, temperature, k))[:chunk - pad])
   return np.concatenate(out)
 
 

@@ -41,9 +41,6 @@ class Swav(image_ssl.ImageObjective):
       raise ValueError("SwAV keeps its prototypes on the unit sphere: set "
                        "config.optimizer.unit_norm=('prototypes',).")
 
-  def init_variables(self, rng, batch):
-    return self.model.init(rng, batch["views"][:, 0], train=False)
-
   def loss(self, params, state, batch, rng, *, axis_name=None):
     del rng
     batch_stats = state["batch_stats"]
