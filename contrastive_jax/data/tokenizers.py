@@ -6,7 +6,11 @@ Interface (what every tokenizer implements, so SentencePiece and CLIP BPE can sl
 * ``tokenize(texts)``: a ``tf.string`` tensor of any shape ``[...]`` -> ``(tokens, mask)``
   with int32 ``tokens [..., context_length]`` and bool ``mask [..., context_length]``. Real
   tokens come first and end with ``eot_id`` (truncated texts keep their EOT), followed by
-  ``pad_id`` padding where ``mask`` is False. Written with TF ops only.
+  ``pad_id`` padding where ``mask`` is False. Must work on symbolic tensors (tf.data maps).
+
+Registered (``config.tokenizer = dict(name=..., **kwargs)``): ``bytes`` (below, TF ops only),
+``clip_bpe`` (:mod:`clip_bpe`, OpenAI CLIP BPE via one ``tf.numpy_function`` per call) and
+``sentencepiece`` (:mod:`spm_tokenizer`, in-graph via ``tensorflow_text``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from __future__ import annotations
 from typing import Protocol, Tuple
 
 import tensorflow as tf
+
+from contrastive_jax.data.clip_bpe import ClipBpeTokenizer
+from contrastive_jax.data.spm_tokenizer import SentencePieceTokenizer
 
 
 class Tokenizer(Protocol):
@@ -68,7 +75,11 @@ class ByteTokenizer:
     return out
 
 
-TOKENIZERS = {"bytes": ByteTokenizer}
+TOKENIZERS = {
+    "bytes": ByteTokenizer,
+    "clip_bpe": ClipBpeTokenizer,
+    "sentencepiece": SentencePieceTokenizer,
+}
 
 
 def make_tokenizer(name: str, **kwargs) -> Tokenizer:
