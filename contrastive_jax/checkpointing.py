@@ -52,3 +52,8 @@ def restore(mngr: ocp.CheckpointManager, like_state: Any,
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
   return restored.state, restored.meta
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON record of the checkpoint at ``step`` (no arrays are read)."""
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

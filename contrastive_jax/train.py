@@ -14,12 +14,13 @@ from typing import Dict, Optional
 
 from absl import app, flags, logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from clu import parameter_overview, periodic_actions
 from ml_collections import config_flags
 
 from contrastive_jax import checkpointing, evaluate, optim, parallel, train_state, writers
-from contrastive_jax.data import pipeline, tokenizers
+from contrastive_jax.data import pipeline, records, tokenizers
 from contrastive_jax.objectives import base as objective_base, make_objective
 
 class NonFiniteLossError(FloatingPointError):
@@ -45,6 +46,48 @@ def initial_state(config, objective, optimizer, sample_batch, mesh):
   return jax.jit(create, out_shardings=parallel.replicated(mesh))(sample)
 
 
+def _gather_hosts(value):
+  """``[value of every process]`` (all processes must call it at the same point)."""
+  if jax.process_count() == 1:
+    return [value]
+  return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in
+          multihost_utils.process_allgather(_json_row(value))]
+
+
+def _json_row(value, width: int = 4096) -> np.ndarray:
+  data = json.dumps(value).encode()
+  if len(data) > width:
+    raise ValueError(f"Host data state too large to gather ({len(data)} bytes).")
+  return np.frombuffer(data.ljust(width, b"\0"), np.uint8)
+
+
+def resume_data_state(meta: Optional[dict]) -> Optional[dict]:
+  """This host's data state saved in a checkpoint's ``meta`` (None: index-based sources, or a
+  fresh run). A stream source resumed with another number of hosts cannot continue exactly
+  and is refused."""
+  position = (meta or {}).get("data_position")
+  hosts = position.get("hosts") if isinstance(position, dict) else None
+  if not hosts:
+    return None
+  if len(hosts) != jax.process_count():
+    raise ValueError(f"The checkpoint was written by {len(hosts)} hosts reading their own "
+                     f"parts of the data; this run has {jax.process_count()}. Resume with "
+                     f"{len(hosts)} hosts (or start a new workdir).")
+  return hosts[jax.process_index()]
+
+
+def _data_scalars(host_state) -> Dict[str, float]:
+  """Bad-record counters summed over hosts (``data/skipped_<reason>``, ...)."""
+  if host_state is None:
+    return {}
+  totals: Dict[str, int] = {}
+  for counts in (s["counts"] for s in _gather_hosts(host_state)):
+    for name, n in counts.items():
+      totals[name] = totals.get(name, 0) + n
+  return {(f"data/{name}" if name == records.CONVERTED else f"data/skipped_{name}"): float(n)
+          for name, n in totals.items()}
+
+
 def _mean_metrics(history) -> Dict[str, float]:
   stacked = jax.device_get(history)
   return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
@@ -64,9 +107,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   mngr = checkpointing.manager(workdir, keep=config.checkpoint.keep,
                                async_save=config.checkpoint.get("async_save", True))
   start_step = mngr.latest_step() or 0
-  batches = pipeline.as_numpy_batches(
-      pipeline.train_dataset(config, tokenizer, start_step=start_step))
-  first = next(batches)
+  data_state = resume_data_state(checkpointing.read_meta(mngr, start_step) if start_step
+                                 else None)
+  batches = pipeline.as_numpy_batches(pipeline.train_dataset(
+      config, tokenizer, start_step=start_step, data_state=data_state))
+  first, bookkeeping = records.pop_bookkeeping(next(batches))
   local_rows = parallel.local_batch_size(config.batch_size)
   pipeline.validate_batch(first, objective.batch_keys, local_rows)
 
@@ -106,13 +151,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   periodic_eval = periodic_actions.PeriodicCallback(
       every_steps=config.eval.get("every_steps") or None, on_steps=[total], callback_fn=run_eval)
   history, pending, results = [], None, {}
-  batch = first
+  batch, skipped_so_far = first, None
   for step in range(start_step + 1, total + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       if batch is None:
-        batch = next(batches)
+        batch, bookkeeping = records.pop_bookkeeping(next(batches))
       state, metrics = step_fn(state, batch)
-      batch = None
+      batch, data_state = None, records.host_state(bookkeeping) or data_state
     if pending is not None:  # checked one step late so the host never stalls the device
       _check_finite(*pending)
     pending = (metrics, step)
@@ -120,11 +165,20 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
     progress(step)
     if step % config.log_every_steps == 0 or step == total:
       _check_finite(*pending)
-      writer.write_scalars(step, {f"train/{k}": v for k, v in _mean_metrics(history).items()})
+      data_scalars = _data_scalars(data_state)
+      skipped = sum(v for k, v in data_scalars.items() if k.startswith("data/skipped_"))
+      if skipped_so_far is not None and skipped > skipped_so_far:
+        logging.warning("Bad input records skipped so far: %s", data_scalars)
+      skipped_so_far = skipped
+      writer.write_scalars(step, {**{f"train/{k}": v for k, v in _mean_metrics(history).items()},
+                                  **data_scalars})
       history = []
     if step % config.checkpoint.every_steps == 0 or step == total:
       _check_finite(*pending)
-      checkpointing.save(mngr, state, {"step": step, "data_position": step,
+      position = {"step": step}
+      if data_state is not None:  # stream sources: every host's next record and counters
+        position["hosts"] = _gather_hosts(data_state)
+      checkpointing.save(mngr, state, {"step": step, "data_position": position,
                                        "config": config.to_json_best_effort()})
     if periodic_eval(step):
       results = periodic_eval.get_last_callback_result()
@@ -146,7 +200,7 @@ def restore_variables(config, checkpoint_dir: str, step: Optional[int] = None):
   """
   tokenizer, objective, mesh, optimizer = build(config)
   sample = next(pipeline.as_numpy_batches(pipeline.train_dataset(config, tokenizer).take(1)))
-  sample = jax.tree.map(lambda x: x[:1], sample)
+  sample = jax.tree.map(lambda x: x[:1], records.pop_bookkeeping(sample)[0])
   create = functools.partial(train_state.create, objective, optimizer, seed=config.seed)
   replicated = parallel.replicated(mesh)
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),

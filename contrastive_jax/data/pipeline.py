@@ -17,6 +17,14 @@ Sources (``config.data.source``):
   any other step, so ``image`` and the views all start from the resized image.
   ``config.data.data_dir`` (optional) overrides where the idx files are read.
 
+* ``"shards"`` / ``"tfds"``: record streams (:mod:`contrastive_jax.data.shards`,
+  :mod:`contrastive_jax.data.tfds_source`) read through :mod:`contrastive_jax.data.records`
+  and :mod:`contrastive_jax.data.streams`: per-host files or even splits, window-shuffled
+  epochs, decode + random resized crop, bad records skipped and counted. Their position is
+  not a function of the step: batches carry bookkeeping keys (``_epoch``, ``_offset``,
+  ``_skipped``, ``_converted_count``) from which the trainer saves each host's position
+  (:func:`records.host_state`) and to which it resumes (``data_state``).
+
 ``config.data.num_examples`` (optional) makes the training set finite, for methods with
 per-example state: scenes ``[0, n)`` of shapes, or the first ``n`` Fashion-MNIST images, read
 as a fresh stateless permutation every epoch (``fashion_mnist.shuffled_row``); ``index`` is
@@ -28,7 +36,8 @@ Batch keys (the contract between data and objectives):
 ===================  ===========================  =============================================
 key                  shape / dtype                meaning
 ===================  ===========================  =============================================
-``image``            float32 ``[B, H, W, 3]``     pixels scaled to ``[-1, 1]``
+``image``            float32 ``[B, H, W, 3]``     pixels in ``[-1, 1]`` (or ``config.data.
+                                                  normalization``: ``"clip"``, ``"imagenet"``)
 ``text``             int32 ``[B, L]``             tokens (``tokenizer.tokenize``)
 ``text_mask``        bool ``[B, L]``              True on real tokens (EOT included)
 ``label``            int32 ``[B]``                class label, -1 when undefined
@@ -62,7 +71,9 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from contrastive_jax.data import augment, fashion_mnist, shapes, subcaptions
+from contrastive_jax.data import (augment, fashion_mnist, image_ops, records, shapes, streams,
+                                  subcaptions, tfds_source)
+from contrastive_jax.data import shards as shards_lib
 from contrastive_jax.data.tokenizers import Tokenizer
 
 # key -> (rank, dtype kind) every objective can ask for; see the table above.
@@ -81,17 +92,19 @@ BATCH_SPEC = {
     "crops": (5, "f"),
     "view_boxes": (3, "f"),
 }
-SOURCES = ("shapes", "fashion_mnist")
-# Sources whose examples have no captions (no text keys, subcaptions or text views).
-IMAGE_ONLY_SOURCES = ("fashion_mnist",)
+SOURCES = ("shapes", "fashion_mnist", "shards", "tfds")
+# Sources read as record streams (positions, bad-record counters; see records.py).
+STREAM_SOURCES = ("shards", "tfds")
 
 
-def scale_image(image: tf.Tensor) -> tf.Tensor:
-  """uint8 ``[..., H, W, 3]`` -> float32 in ``[-1, 1]``."""
-  return tf.cast(image, tf.float32) / 127.5 - 1.0
+def scale_image(image: tf.Tensor, normalization: str = "minus_one_to_one") -> tf.Tensor:
+  """uint8 ``[..., H, W, 3]`` -> float32 (``config.data.normalization``: ``[-1, 1]`` by
+  default, or ``"clip"`` / ``"imagenet"`` mean and std; :func:`image_ops.normalize`)."""
+  return image_ops.normalize(tf.cast(image, tf.float32), normalization)
 
 
-def image_text_features(tokenizer: Tokenizer, text_key: str = "caption"):
+def image_text_features(tokenizer: Tokenizer, text_key: str = "caption",
+                        normalization: str = "minus_one_to_one"):
   """Preprocessing of one shapes-like example into the batch keys above."""
 
   def fn(example):
@@ -99,18 +112,18 @@ def image_text_features(tokenizer: Tokenizer, text_key: str = "caption"):
       raise KeyError(f"config.data.text_key={text_key!r} is not a feature of the source; "
                      f"available: {sorted(example)}.")
     text, mask = tokenizer.tokenize(example[text_key])
-    return {"image": scale_image(example["image"]), "text": text, "text_mask": mask,
-            "label": tf.cast(example["label"], tf.int32),
+    return {"image": scale_image(example["image"], normalization), "text": text,
+            "text_mask": mask, "label": tf.cast(example["label"], tf.int32),
             "index": tf.cast(example["index"], tf.int64)}
 
   return fn
 
 
-def image_features():
+def image_features(normalization: str = "minus_one_to_one"):
   """Preprocessing of one image-only example (``image``, ``label``, ``index``)."""
 
   def fn(example):
-    return {"image": scale_image(example["image"]),
+    return {"image": scale_image(example["image"], normalization),
             "label": tf.cast(example["label"], tf.int32),
             "index": tf.cast(example["index"], tf.int64)}
 
@@ -125,12 +138,21 @@ def source_of(data_config: Mapping[str, Any]) -> str:
   return source
 
 
+def is_image_only(data_config: Mapping[str, Any]) -> bool:
+  """Whether the source's examples have no captions (no text keys, subcaptions or text
+  views): Fashion-MNIST, and TFDS datasets without a caption feature."""
+  source = source_of(data_config)
+  if source == "tfds":
+    return tfds_source.caption_key_of(data_config) is None
+  return source == "fashion_mnist"
+
+
 def extra_feature_fns(data_config: Mapping[str, Any], tokenizer: Optional[Tokenizer]) -> list:
   """The optional per-example feature functions ``config.data`` asks for (see the module
   docstring); each maps a raw source example to a dict of extra batch keys."""
   fns = []
   source = source_of(data_config)
-  if source in IMAGE_ONLY_SOURCES:
+  if is_image_only(data_config):
     if data_config.get("subcaptions"):
       raise ValueError(f"config.data.subcaptions needs long captions, but "
                        f"config.data.source={source!r} is image-only.")
@@ -151,10 +173,13 @@ def extra_feature_fns(data_config: Mapping[str, Any], tokenizer: Optional[Tokeni
 def training_features(data_config: Mapping[str, Any], tokenizer: Optional[Tokenizer]):
   """The source's base features (``image_text_features``, or ``image_features`` for image-only
   sources and without a tokenizer) plus the extra keys of :func:`extra_feature_fns`."""
-  if source_of(data_config) in IMAGE_ONLY_SOURCES or tokenizer is None:
-    base = image_features()
-  else:
-    base = image_text_features(tokenizer, data_config.get("text_key", "caption"))
+  normalization = data_config.get("normalization", "minus_one_to_one")
+  if is_image_only(data_config) or tokenizer is None:
+    base = image_features(normalization)
+  else:  # stream sources name the chosen caption "caption" (text_key is their feature name)
+    text_key = ("caption" if source_of(data_config) in STREAM_SOURCES
+                else data_config.get("text_key", "caption"))
+    base = image_text_features(tokenizer, text_key, normalization)
   extras = extra_feature_fns(data_config, tokenizer)
 
   def fn(example):
@@ -236,14 +261,63 @@ def _shapes_train_fn(data_config: Mapping[str, Any]):
   return fn
 
 
-def train_dataset(config, tokenizer: Optional[Tokenizer] = None, *,
-                  start_step: int = 0) -> tf.data.Dataset:
+def _host_stream(data_config: Mapping[str, Any], data_state: Mapping[str, Any]):
+  """``(positioned raw stream, parse fn)`` of this host's part of a stream source."""
+  seed = data_config.get("seed", 0)
+  p, count = jax.process_index(), jax.process_count()
+  if source_of(data_config) == "shards":
+    files = shards_lib.host_files(shards_lib.list_files(data_config.get("shards")), p, count)
+    epoch_fn = shards_lib.epoch_fn(files, seed=seed,
+                                   cycle_length=data_config.get("cycle_length", 16))
+    parse = shards_lib.parse_fn(data_config)
+  else:
+    epoch_fn, parse = tfds_source.epoch_fn(data_config, p, count), (lambda raw: raw)
+  stream = records.positioned_stream(
+      epoch_fn, seed=seed, window=data_config.get("shuffle_window", 1024),
+      start_epoch=data_state["epoch"], start_offset=data_state["offset"])
+  return stream, parse
+
+
+def stream_train_dataset(config, tokenizer: Optional[Tokenizer],
+                         data_state: Optional[Mapping[str, Any]] = None) -> tf.data.Dataset:
+  """This host's batches of a stream source (shards, TFDS), resumed at ``data_state``
+  (:func:`records.host_state` of the last batch before the checkpoint; None: the start).
+
+  Batches carry the bookkeeping keys of :mod:`records` (``_epoch``, ``_offset``,
+  ``_skipped``, ``_converted_count``) besides the batch keys.
+  """
+  data = config.data
+  data_state = data_state or records.initial_state()
+  stream, parse = _host_stream(data, data_state)
+  needs_text = tokenizer is not None and not is_image_only(data)
+  record_fn = streams.train_record_fn(data, needs_text=needs_text)
+  ds = streams.process(stream, lambda rec: record_fn(parse(rec)), counts=data_state["counts"],
+                       deterministic=data.get("deterministic", True))
+  features = training_features(data, tokenizer)
+
+  def fn(example):
+    out = features({k: v for k, v in example.items() if not k.startswith("_")})
+    out.update({k: v for k, v in example.items() if k.startswith("_")})
+    return out
+
+  ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=data.get("deterministic", True))
+  per_host = config.batch_size // jax.process_count()
+  return ds.batch(per_host, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def train_dataset(config, tokenizer: Optional[Tokenizer] = None, *, start_step: int = 0,
+                  data_state: Optional[Mapping[str, Any]] = None) -> tf.data.Dataset:
   """This host's batches of the training data, resumed at ``start_step``.
 
   ``tokenizer``: tokenizes captions (None: image-only batches, see the module docstring).
+  ``data_state``: stream sources resume from this host's saved position (the index-based
+  sources need only ``start_step``).
   """
   data = config.data
   source = source_of(data)
+  if source in STREAM_SOURCES:
+    return stream_train_dataset(config, tokenizer, data_state)
   if source == "shapes":
     example_fn = _shapes_train_fn(data)
   else:
@@ -282,7 +356,8 @@ def image_eval_dataset(data_config, *, split: str, num_examples: Optional[int] =
 
   Args:
     data_config: ``config.data``; its ``source`` picks the data.
-    split: ``"train"`` or ``"test"``. ``fashion_mnist``: the 60000 / 10000 images (resized to
+    split: ``"train"`` or ``"test"`` (``tfds``: any split of the dataset, see
+      :func:`stream_eval_dataset`). ``fashion_mnist``: the 60000 / 10000 images (resized to
       ``data_config.image_size`` if it is not 28). ``shapes``: :func:`shapes.dataset`'s
       splits, ``"train"`` with the training scenes' object range, ``"test"`` the canonical
       one (as :func:`eval_dataset`).
@@ -295,6 +370,8 @@ def image_eval_dataset(data_config, *, split: str, num_examples: Optional[int] =
       has a label, so it changes nothing there.
   """
   source = source_of(data_config)
+  if source in STREAM_SOURCES:
+    return stream_eval_dataset(data_config, None, split=split, num_examples=num_examples)
   if split == "train" and num_examples is None:
     num_examples = data_config.get("num_examples")
   if source == "fashion_mnist":
@@ -317,6 +394,57 @@ def image_eval_dataset(data_config, *, split: str, num_examples: Optional[int] =
     if single_object:
       ds = ds.filter(lambda ex: ex["label"] >= 0)
   return ds.map(image_features(), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def stream_eval_dataset(data_config, tokenizer: Optional[Tokenizer], *, split: Optional[str] = None,
+                        shards: Optional[str] = None, num_examples: Optional[int] = None,
+                        num_captions: int = 0) -> tf.data.Dataset:
+  """Unbatched evaluation examples of a stream source, in a fixed order, on every host.
+
+  Images are resized (shorter side) and centre-cropped to ``config.data.image_size`` and
+  normalised like the training images; bad records are skipped, as in training.
+
+  Args:
+    data_config: ``config.data``; ``source`` is ``"shards"`` or ``"tfds"``.
+    tokenizer: tokenizes the captions (None: images only).
+    split: ``tfds``: the TFDS split (slicing allowed, e.g. ``"validation[:1000]"``).
+    shards: ``shards``: the glob of the evaluation shards.
+    num_examples: the first ``num_examples`` records (None: all).
+    num_captions: with a tokenizer, ``text`` int32 ``[num_captions, L]``, ``text_mask`` and
+      ``text_valid`` bool ``[num_captions]``: every caption of the record (up to
+      ``num_captions``; the retrieval evaluator scores them all as positives of the image).
+      ``0``: ``text`` / ``text_mask`` ``[L]`` of the first caption.
+  """
+  source = source_of(data_config)
+  if source == "shards":
+    if not shards:
+      raise ValueError("Evaluating on shards needs their glob (the evaluator's `shards`).")
+    files = tf.data.Dataset.from_tensor_slices(shards_lib.list_files(shards))
+    records_ds = files.flat_map(lambda f: tf.data.TFRecordDataset(f).ignore_errors(
+        log_warning=True)).enumerate().map(lambda i, r: {"record": r, "index": i})
+    records_ds = records_ds.map(shards_lib.parse_fn(data_config))
+  else:
+    records_ds = tfds_source.eval_records(data_config, split or "test")
+  if num_examples:
+    records_ds = records_ds.take(num_examples)
+  want_text = tokenizer is not None and not is_image_only(data_config)
+  record_fn = streams.eval_record_fn(data_config, num_captions=max(num_captions, 1)
+                                     if want_text else 0)
+  ds = streams.process(streams.sequenced(records_ds), record_fn)
+  normalization = data_config.get("normalization", "minus_one_to_one")
+
+  def features(ex):
+    out = {"image": scale_image(ex["image"], normalization), "label": ex["label"],
+           "index": ex["index"]}
+    if want_text:
+      text, mask = tokenizer.tokenize(ex["captions"])
+      if num_captions:
+        out.update(text=text, text_mask=mask, text_valid=ex["caption_valid"])
+      else:
+        out.update(text=text[0], text_mask=mask[0])
+    return out
+
+  return ds.map(features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def as_numpy_batches(ds: tf.data.Dataset) -> Iterator[dict]:
