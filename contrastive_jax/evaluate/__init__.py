@@ -10,6 +10,10 @@ image-only ones (``knn``, ``linear_probe``) embed the images of a labelled train
 ``num_test``) with ``encode_image`` and classify the test features: ``knn`` with ``k`` and
 ``temperature``, ``linear_probe`` with ``l2`` and ``steps`` (L-BFGS). Their ``dataset`` is the
 training data's source (``config.data.source``), read with ``config.data``'s settings.
+
+On the stream sources (``shards``, ``tfds``), ``retrieval`` reads the evaluator's ``shards``
+glob or TFDS ``split`` (first ``num_examples`` records); with ``num_captions`` every caption
+of an image (e.g. COCO's five) is a query and a positive.
 """
 
 from __future__ import annotations
@@ -65,6 +69,17 @@ def _image_only(name, ev, config, encoders, variables, mesh, cache) -> Dict[str,
   return linear_probe.evaluate(*train, *test, l2=ev.get("l2", 1e-4), steps=ev.get("steps", 200))
 
 
+def _stream_retrieval_data(name, ev, config, tokenizer):
+  """Retrieval examples of a stream source: TFDS ``split`` or ``shards`` (a glob), read
+  with ``config.data``'s settings; ``num_captions`` > 0 scores every caption of an image."""
+  if ev.dataset != config.data.source:
+    raise ValueError(f"config.eval.evaluators.{name}.dataset={ev.dataset!r}; retrieval on a "
+                     f"stream source reads config.data (source={config.data.source!r}).")
+  return pipeline.stream_eval_dataset(config.data, tokenizer, split=ev.get("split"),
+                                      shards=ev.get("shards"), num_examples=ev.get("num_examples"),
+                                      num_captions=ev.get("num_captions", 0))
+
+
 def run_evaluators(config, encoders, variables, tokenizer, mesh) -> Dict[str, float]:
   """Runs ``config.eval.evaluators``; ``encoders`` from :func:`embedding.jitted_encoders`,
   ``variables`` the model's flax variables (``objectives.base.eval_variables``)."""
@@ -79,6 +94,10 @@ def run_evaluators(config, encoders, variables, tokenizer, mesh) -> Dict[str, fl
       raise ValueError(f"config.eval.evaluators.{name}.kind={ev.kind!r}; expected one of {KINDS}.")
     if ev.kind in ("knn", "linear_probe"):
       out = _image_only(name, ev, config, encoders, variables, mesh, cache)
+    elif ev.kind == "retrieval" and ev.dataset in pipeline.STREAM_SOURCES:
+      out = retrieval.evaluate(encoders, variables, _stream_retrieval_data(name, ev, config,
+                                                                          tokenizer),
+                               mesh, batch_size, scoring=scoring)
     elif ev.dataset not in IMAGE_TEXT_DATASETS:
       raise ValueError(f"config.eval.evaluators.{name}.dataset={ev.dataset!r}; known: "
                        f"{list(IMAGE_TEXT_DATASETS)}.")
