@@ -61,3 +61,17 @@ def test_ssl_fashion_mnist_reports_features_and_raw_pixels(tmp_path):
   assert results["raw_pixels"]["knn_acc1"] > 0.5
   text = readme.read_text()
   assert "old table" not in text and "| raw pixels |" in text and "| simclr |" in text
+
+
+def test_input_pipeline_measures_decoding_and_input_wait(tmp_path):
+  bench = _load("input_pipeline")
+  jpegs = bench.synthetic_jpegs(2)
+  import tensorflow as tf
+  assert tf.io.extract_jpeg_shape(jpegs[0]).numpy().tolist() == [375, 500, 3]
+  decode = bench.run_decode(8, 32, seconds=0.2, variants=("decode_crop", "center_crop"),
+                            rounds=1)
+  assert {r["variant"] for r in decode["rows"]} == {"decode_crop", "center_crop"}
+  assert all(r["images_per_s"] > 0 for r in decode["rows"])
+  wait = bench.run_input_wait(16, 4, "tiny", 8, 32, str(tmp_path), alone_seconds=0.2)
+  assert 0 <= wait["wait_fraction"] <= 1 and wait["devices"] == 8
+  assert wait["pipeline_alone_images_per_s"] > 0
