@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -17,7 +17,10 @@ class TextTransformer(nn.Module):
   real tokens, which come first and end with the end-of-text token) and returns
   ``(pooled [B, width], tokens [B, L, width])``. ``pooled`` is the feature at the last
   valid position (the EOT token); with causal attention it has seen the whole text and
-  padding never influences valid positions.
+  padding never influences valid positions. With the CLIP BPE tokenizer this is the position
+  CLIP pools at (``argmax`` of the token ids = the EOT token).
+
+  ``activation`` / ``layer_norm_epsilon`` / ``mlp_dim``: see :class:`Transformer`.
   """
 
   vocab_size: int
@@ -27,6 +30,9 @@ class TextTransformer(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
+  activation: str = "gelu"
+  layer_norm_epsilon: float = 1e-6
+  mlp_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, tokens, mask):
@@ -40,7 +46,8 @@ class TextTransformer(nn.Module):
     x = x + pos[:, :length].astype(self.dtype)
     causal = nn.make_causal_mask(tokens)
     x = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype,
-                    name="encoder")(x, causal)
+                    activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
+                    mlp_dim=self.mlp_dim, name="encoder")(x, causal)
     eot = jnp.maximum(mask.sum(axis=1) - 1, 0)
     pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
     return pooled, x

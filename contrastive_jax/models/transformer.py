@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -11,11 +12,33 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def quick_gelu(x):
+  """OpenAI CLIP's QuickGELU: ``x · σ(1.702 x)``."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# "gelu": flax's default, the tanh approximation (our default); "gelu_exact": the erf form
+# (torch ``nn.GELU()``, open_clip); "quick_gelu": OpenAI CLIP and open_clip "-quickgelu" models.
+ACTIVATIONS = {
+    "gelu": nn.gelu,
+    "gelu_exact": functools.partial(nn.gelu, approximate=False),
+    "quick_gelu": quick_gelu,
+}
+
+
+def activation_fn(name: str):
+  """The activation called ``name`` (a key of :data:`ACTIVATIONS`)."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation={name!r}; expected one of {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
 class MlpBlock(nn.Module):
-  """Two-layer GELU MLP: ``[..., width] -> [..., mlp_dim] -> [..., width]``."""
+  """Two-layer MLP: ``[..., width] -> [..., mlp_dim] -> [..., width]`` (GELU by default)."""
 
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x):
@@ -23,7 +46,7 @@ class MlpBlock(nn.Module):
     dense = lambda n, name: nn.Dense(
         n, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(1e-6), name=name)
-    x = nn.gelu(dense(self.mlp_dim, "fc1")(x))
+    x = activation_fn(self.activation)(dense(self.mlp_dim, "fc1")(x))
     return dense(width, "fc2")(x)
 
 
@@ -33,29 +56,46 @@ class EncoderBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  activation: str = "gelu"
+  layer_norm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask: Optional[jax.Array] = None):
-    y = nn.LayerNorm(dtype=self.dtype, name="ln_attn")(x)
+    ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, name=name)
+    y = ln("ln_attn")(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(), name="attn")(y, y, mask=mask)
     x = x + y
-    y = nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
-    return x + MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+    y = ln("ln_mlp")(x)
+    return x + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation,
+                        name="mlp")(y)
 
 
 class Transformer(nn.Module):
-  """``depth`` encoder blocks followed by a final LayerNorm; ``[B, N, W] -> [B, N, W]``."""
+  """``depth`` encoder blocks followed by a final LayerNorm; ``[B, N, W] -> [B, N, W]``.
+
+  Attributes:
+    depth, num_heads: number of blocks and attention heads.
+    mlp_ratio: MLP hidden size as a multiple of the width (ignored when ``mlp_dim`` is set).
+    dtype: compute dtype.
+    activation: MLP activation, a key of :data:`ACTIVATIONS` (``"gelu"``: tanh approximation).
+    layer_norm_epsilon: epsilon of every LayerNorm (flax's 1e-6; torch / CLIP use 1e-5).
+    mlp_dim: MLP hidden size; None: ``int(mlp_ratio * width)``.
+  """
 
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  activation: str = "gelu"
+  layer_norm_epsilon: float = 1e-6
+  mlp_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, mask: Optional[jax.Array] = None):
-    mlp_dim = int(self.mlp_ratio * x.shape[-1])
+    mlp_dim = self.mlp_dim or int(self.mlp_ratio * x.shape[-1])
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, mlp_dim, dtype=self.dtype, name=f"block{i}")(x, mask)
-    return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+      x = EncoderBlock(self.num_heads, mlp_dim, dtype=self.dtype, activation=self.activation,
+                       layer_norm_epsilon=self.layer_norm_epsilon, name=f"block{i}")(x, mask)
+    return nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, name="ln_final")(x)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -18,6 +18,12 @@ class ViT(nn.Module):
   ``__call__(images)`` takes float images ``[B, H, W, C]`` (H and W divisible by
   ``patch_size``) and returns ``(pooled [B, width], tokens [B, N, width])`` where ``tokens``
   are the ``N = HW / patch_size²`` patch tokens after the final LayerNorm (no class token).
+
+  CLIP-compatible options (defaults keep the original behaviour and parameter names):
+  ``activation`` / ``layer_norm_epsilon`` / ``mlp_dim`` (see :class:`Transformer`) and
+  ``ln_pre``: a LayerNorm ``ln_pre`` on the tokens (class token included) before the blocks.
+  Position embeddings are added to the patches only; the class token ``cls`` is prepended
+  afterwards, so CLIP's ``class_embedding + positional_embedding[0]`` maps onto ``cls``.
   """
 
   patch_size: int
@@ -27,6 +33,10 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   pool: str = "cls"
   dtype: Any = jnp.float32
+  activation: str = "gelu"
+  layer_norm_epsilon: float = 1e-6
+  ln_pre: bool = False
+  mlp_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, images):
@@ -45,8 +55,11 @@ class ViT(nn.Module):
     if self.pool == "cls":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width)).astype(self.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)), x], axis=1)
+    if self.ln_pre:
+      x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, name="ln_pre")(x)
     x = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype,
-                    name="encoder")(x)
+                    activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
+                    mlp_dim=self.mlp_dim, name="encoder")(x)
     if self.pool == "cls":
       return x[:, 0], x[:, 1:]
     return x.mean(axis=1), x
