@@ -59,6 +59,6 @@ def tiny_run(tmp_path_factory):
 def run_module(args, timeout=600, env=None):
   """Runs ``python -m <args>`` from the repo root; returns the CompletedProcess."""
   import subprocess
-  full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+  full_env = dict(os.environ, **dict({"PYTHONPATH": str(REPO)}, **(env or {})))
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=full_env,
                         capture_output=True, text=True, timeout=timeout)

@@ -1,11 +1,14 @@
 """Evaluation metrics on hand-made inputs, and the evaluate CLI on a trained checkpoint."""
 
 import json
+import os
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import REPO, TINY_STEPS, run_module
+from contrastive_jax import train
 from contrastive_jax.evaluate import metrics
 
 
@@ -147,3 +150,23 @@ def test_image_only_evaluators_read_the_training_source():
   config.eval.evaluators.knn.dataset = "fashion_mnist"
   with pytest.raises(ValueError, match="evaluators.knn.dataset='fashion_mnist'"):
     evaluate.run_evaluators(config, None, None, None, None)
+
+
+def test_checkpoint_encoders_for_external_harnesses(tiny_run):
+  from contrastive_jax.evaluate import external
+  config, workdir, _ = tiny_run
+  encode_image, encode_text = external.checkpoint_encoders(
+      config, os.path.join(workdir, "checkpoints"))
+  tokenizer, objective, _, variables, _ = train.restore_variables(
+      config, os.path.join(workdir, "checkpoints"))
+  size = config.data.image_size
+  images = np.random.default_rng(0).uniform(-1, 1, (3, size, size, 3)).astype(np.float32)
+  want = objective.model.apply(jax.device_get(variables), images,
+                               method=objective.model.encode_image)[0]
+  np.testing.assert_allclose(encode_image(images), want, rtol=1e-5, atol=1e-6)
+  tokens, mask = tokenizer.tokenize(["a red circle", "a blue star"])
+  want = objective.model.apply(jax.device_get(variables), tokens.numpy(), mask.numpy(),
+                               method=objective.model.encode_text)[0]
+  got = encode_text(["a red circle", "a blue star"])
+  assert got.shape == (2, config.model.embed_dim)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -56,19 +56,28 @@ def embed_batches(encode: Callable, variables, batches: Iterable[Mapping[str, np
 
   Batches (identical on every host) are padded to ``batch_size`` (a multiple of the device
   count, so every call has the same shapes and compiles once), sharded over the ``data``
-  axis, and the valid rows are gathered back to numpy.
+  axis, and the valid rows are gathered back to numpy. Batch ``i + 1`` is dispatched before
+  batch ``i``'s embeddings are fetched, so the host's copies overlap the devices' work.
   """
   parallel.check_batch_size(batch_size, mesh)
-  outs = []
+  outs, pending = [], None
+
+  def collect(out, n):
+    out = multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else out
+    outs.append(np.asarray(out)[:n])
+
   for batch in batches:
     n = len(batch[keys[0]])
     if n > batch_size:
       raise ValueError(f"Evaluation batch of {n} rows exceeds batch_size={batch_size}.")
     arrays = [np.concatenate([batch[k], np.repeat(batch[k][-1:], batch_size - n, 0)])
-              for k in keys]
+              if n < batch_size else batch[k] for k in keys]
     out = encode(variables, *parallel.to_global([_host_rows(a) for a in arrays], mesh))
-    out = multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else out
-    outs.append(np.asarray(out)[:n])
+    if pending is not None:  # fetch the previous batch while this one computes
+      collect(*pending)
+    pending = (out, n)
+  if pending is not None:
+    collect(*pending)
   return np.concatenate(outs)
 
 
