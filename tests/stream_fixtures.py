@@ -102,32 +102,53 @@ def _tfds_example(name: str, split: str, i: int) -> dict:
   return example
 
 
-def mock_tfds(split_sizes: dict):
-  """``tfds.testing.mock_data`` whose examples are encoded and decoded with each dataset's
-  real feature spec, honouring split slicing (even host splits) and ``SkipDecoding``."""
+def _fake_dataset(builder, split, decoders, read_config, split_sizes: dict):
+  """``builder.as_dataset`` of made-up examples encoded and decoded with the builder's real
+  feature spec, honouring split slicing (even host splits) and ``SkipDecoding``."""
   from tensorflow_datasets.core import splits as splits_lib
+  infos = splits_lib.SplitDict([
+      splits_lib.SplitInfo(name=n, shard_lengths=[k], num_bytes=0)
+      for n, k in split_sizes.items()])
+  features = builder.info.features
+  serialized, ids = [], []
+  for inst in splits_lib.AbstractSplit.from_spec(split).to_absolute(infos):
+    end = inst.to if inst.to is not None else split_sizes[inst.splitname]
+    for i in range(inst.from_ or 0, end):
+      serialized.append(features.serialize_example(
+          features.encode_example(_tfds_example(builder.name, inst.splitname, i))))
+      ids.append(f"{builder.name}-{inst.splitname}.tfrecord-00000-of-00001__{i}")
+  ds = tf.data.Dataset.from_tensor_slices((serialized, ids))
+
+  def decode(s, tfds_id):
+    example = features.deserialize_example(s, decoders=decoders)
+    if read_config is not None and read_config.add_tfds_id:
+      example["tfds_id"] = tfds_id
+    return example
+
+  return ds.map(decode)
+
+
+def mock_tfds(split_sizes: dict):
+  """``tfds.testing.mock_data`` serving :func:`_fake_dataset`."""
 
   def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False, **kwargs):
     del shuffle_files, kwargs
-    infos = splits_lib.SplitDict([
-        splits_lib.SplitInfo(name=n, shard_lengths=[k], num_bytes=0)
-        for n, k in split_sizes.items()])
-    features = self.info.features
-    serialized, ids = [], []
-    for inst in splits_lib.AbstractSplit.from_spec(split).to_absolute(infos):
-      end = inst.to if inst.to is not None else split_sizes[inst.splitname]
-      for i in range(inst.from_ or 0, end):
-        serialized.append(features.serialize_example(
-            features.encode_example(_tfds_example(self.name, inst.splitname, i))))
-        ids.append(f"{self.name}-{inst.splitname}.tfrecord-00000-of-00001__{i}")
-    ds = tf.data.Dataset.from_tensor_slices((serialized, ids))
-
-    def decode(s, tfds_id):
-      example = features.deserialize_example(s, decoders=decoders)
-      if read_config is not None and read_config.add_tfds_id:
-        example["tfds_id"] = tfds_id
-      return example
-
-    return ds.map(decode)
+    return _fake_dataset(self, split, decoders, read_config, split_sizes)
 
   return tfds.testing.mock_data(as_dataset_fn=as_dataset)
+
+
+def patch_tfds(monkeypatch, split_sizes: dict) -> None:
+  """The same fake examples through ``tfds_source.as_dataset`` itself, for tests that also
+  write orbax checkpoints: ``mock_data`` swaps the process-wide file system while it builds
+  a dataset, which orbax's background threads can see."""
+  from contrastive_jax.data import tfds_source
+
+  def as_dataset(data_config, split, *, shuffle_files=False):
+    del shuffle_files
+    builder = tfds.builder(data_config.name)
+    decoders = {data_config.get("image_key", "image"): tfds.decode.SkipDecoding()}
+    return _fake_dataset(builder, split, decoders, tfds.ReadConfig(add_tfds_id=True),
+                         split_sizes)
+
+  monkeypatch.setattr(tfds_source, "as_dataset", as_dataset)

@@ -75,3 +75,10 @@ def test_input_pipeline_measures_decoding_and_input_wait(tmp_path):
   wait = bench.run_input_wait(16, 4, "tiny", 8, 32, str(tmp_path), alone_seconds=0.2)
   assert 0 <= wait["wait_fraction"] <= 1 and wait["devices"] == 8
   assert wait["pipeline_alone_images_per_s"] > 0
+
+
+def test_eval_throughput_compares_evaluation_with_the_plain_forward():
+  bench = _load("eval_throughput")
+  config = bench.load_config(str(REPO / "configs/clip_shards.py") + ":data=unused,size=tiny")
+  row = bench.measure(config, 16, 2, rounds=1)
+  assert row["devices"] == 8 and row["forward_images_per_s"] > 0 and row["ratio"] > 0

@@ -117,3 +117,42 @@ def test_cli_evaluates_imported_clip_weights(tmp_path):
   assert found == {("cifar10", "zeroshot"), ("cifar10", "fewshot"),
                    ("coco_captions", "retrieval")}
   assert "cifar10" in done.stdout and "coco_captions" in done.stdout  # the combined table
+
+
+def test_zeroshot_classifier_is_the_normalised_mean_of_normalised_prompts():
+  from contrastive_jax.evaluate import zeroshot
+  vectors = {"a cat": [3.0, 0.0, 0.0], "the cat": [0.0, 4.0, 0.0],
+             "a dog": [0.0, 0.0, 2.0], "the dog": [0.0, 0.0, 5.0]}
+
+  def text(variables, tokens, mask):
+    return np.array([vectors[t] for t in TOK.detokenize(np.asarray(tokens))])
+
+  encoders = embedding.Encoders(image=None, text=text, image_tokens=None, text_tokens=None)
+  weights = zeroshot.classifier(encoders, None, TOK, ["cat", "dog"], ["a {}", "the {}"],
+                                parallel.make_mesh(8), 8)
+  # cat: mean of (1, 0, 0) and (0, 1, 0), normalised; dog: both prompts point along z.
+  np.testing.assert_allclose(weights, [[2 ** -0.5, 2 ** -0.5, 0], [0, 0, 1]], atol=1e-6)
+
+
+def test_retrieval_on_grouped_caption_shards(tmp_path):
+  """A CSV with one row per caption -> make_shards --group_captions -> retrieval over
+  ``shards:GLOB`` with all captions of each image (as for Flickr30k's Karpathy split)."""
+  import tensorflow as tf
+  from contrastive_jax.data import make_shards
+  rows = ["filepath,title"]
+  for i in range(10):
+    name = f"img{i}.jpg"
+    pixels = np.broadcast_to(sf.colour(i), (24, 32, 3)).copy()
+    (tmp_path / name).write_bytes(tf.io.encode_jpeg(pixels, quality=95).numpy())
+    rows += [f"{name},image {i} caption {k}" for k in range(1 + i % 3)]
+  (tmp_path / "split.csv").write_text("\n".join(rows) + "\n")
+  stats = make_shards.convert(str(tmp_path / "split.csv"), str(tmp_path / "shards"),
+                              group=True, examples_per_shard=4)
+  assert stats["written"] == 10
+  mesh = parallel.make_mesh(8)
+  out = tmp_path / "results"
+  suite.run(_model("caption"), ["retrieval"], [f"shards:{tmp_path}/shards/*.tfrecord"], mesh,
+            suite.Options(batch_size=8), str(out))
+  (path,) = glob.glob(str(out / "*.json"))
+  result = json.load(open(path))
+  assert all(v == 1.0 for v in result["metrics"].values()), result

@@ -81,14 +81,11 @@ def test_resuming_with_another_host_count_is_refused():
   assert train.resume_data_state({"data_position": 7}) is None  # index-based sources
 
 
-def test_coco_captions_from_tfds_trains_and_retrieves_with_all_captions(tmp_path):
+def test_coco_captions_from_tfds_trains_and_retrieves_with_all_captions(tmp_path, monkeypatch):
   config = load_config("clip_coco", f"size=tiny,steps={STEPS},batch=8,eval_examples=12")
   config.log_every_steps = 2
-  # Under tfds.testing.mock_data orbax's async save fails ("No ArrayMetadata found");
-  # synchronous saves work.
-  config.checkpoint.async_save = False
-  with sf.mock_tfds({"train": 40, "val": 12}):
-    results = train.train_and_evaluate(config, str(tmp_path))
+  sf.patch_tfds(monkeypatch, {"train": 40, "val": 12})
+  results = train.train_and_evaluate(config, str(tmp_path))
   keys = {f"retrieval/tfds/{d}_recall@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
   assert keys <= set(results) and all(0 <= results[k] <= 1 for k in keys)
   losses = [r["train/loss"] for r in writers.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))

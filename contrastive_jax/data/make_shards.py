@@ -80,19 +80,22 @@ def image_size(image_bytes: bytes) -> Tuple[int, int]:
     return 0, 0
 
 
-def make_example(key: Text, image_bytes: bytes, caption: Text, width: int, height: int,
+def make_example(key: Text, image_bytes: bytes, caption, width: int, height: int,
                  image_key: str = "jpg") -> tf.train.Example:
   """One img2dataset-style record (``key``, ``jpg`` or ``png``, ``txt``, ``width``,
-  ``height``)."""
+  ``height``). ``caption``: a string, or a tuple of several (``txt`` then holds them all:
+  the readers treat them as the image's captions, e.g. for retrieval)."""
   def feature_bytes(value):
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+    values = [_bytes(v) for v in value] if isinstance(value, tuple) else [value]
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
 
   def feature_int(value):
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
 
   return tf.train.Example(features=tf.train.Features(feature={
       "key": feature_bytes(_bytes(key)), image_key: feature_bytes(bytes(image_bytes)),
-      "txt": feature_bytes(_bytes(caption)), "width": feature_int(width),
+      "txt": feature_bytes(caption if isinstance(caption, tuple) else _bytes(caption)),
+      "width": feature_int(width),
       "height": feature_int(height)}))
 
 
@@ -192,7 +195,7 @@ class Candidate(NamedTuple):
   """An input pair before validation; ``problem`` is a skip reason known without reading."""
   key: str
   path: str
-  caption: Optional[str]
+  caption: Optional[Any]  # a string, or a tuple of strings (grouped rows of one image)
   problem: Optional[str] = None
 
 
@@ -255,6 +258,27 @@ def table_candidates(path: str, *, image_column: str = "filepath",
       yield Candidate(key, image, cell(caption_column), None if image else "missing_path")
 
 
+def group_captions(candidates: Iterable[Candidate]) -> Iterator[Candidate]:
+  """Merges consecutive candidates of the same image path into one with a tuple of their
+  captions (a CSV with one row per caption, e.g. COCO / Flickr30k evaluation splits)."""
+  group: List[Candidate] = []
+
+  def merged():
+    first = group[0]
+    return first._replace(caption=tuple(c.caption or "" for c in group))
+
+  for candidate in candidates:
+    if group and (candidate.problem or candidate.path != group[0].path):
+      yield merged()
+      group = []
+    if candidate.problem:
+      yield candidate
+      continue
+    group.append(candidate)
+  if group:
+    yield merged()
+
+
 def folder_candidates(root: str) -> Iterator[Candidate]:
   """Every image under ``root`` (sorted, recursive) with its same-stem ``.txt`` caption."""
   for directory, _, files in sorted(tf.io.gfile.walk(root)):
@@ -295,7 +319,10 @@ def load_pair(candidate: Candidate, *, resize: Optional[int] = None,
   """
   if candidate.problem:
     return None, candidate.problem, ""
-  caption = (candidate.caption or "").strip()
+  if isinstance(candidate.caption, tuple):  # several captions: keep the non-blank ones
+    caption = tuple(c.strip() for c in candidate.caption if c and c.strip())
+  else:
+    caption = (candidate.caption or "").strip()
   if not caption:
     return None, "empty_caption", ""
   try:
@@ -359,7 +386,7 @@ def convert(input_path: str, output_dir: str, *, image_column: str = "filepath",
             caption_column: str = "title", separator: Optional[str] = None,
             key_column: Optional[str] = None, examples_per_shard: int = 1000,
             resize: Optional[int] = None, image_format: str = "jpg", overwrite: bool = False,
-            workers: int = 1) -> Dict[str, Any]:
+            workers: int = 1, group: bool = False) -> Dict[str, Any]:
   """The CLI without flags: candidates -> validation -> :func:`write_shards`; returns the
   stats (also in ``_stats.json``: ``written``, ``skipped`` per reason, ``skipped_examples``,
   ``shards``, ...)."""
@@ -371,6 +398,8 @@ def convert(input_path: str, output_dir: str, *, image_column: str = "filepath",
                                   key_column=key_column)
   else:
     raise FileNotFoundError(f"--input {input_path} is neither a directory nor a file.")
+  if group:
+    candidates = group_captions(candidates)
   skips = SkipLog()
   extra = {"input": input_path}
   records = validated_records(candidates, skips, resize=resize, image_format=image_format,
@@ -403,6 +432,8 @@ def main():
   flags.DEFINE_enum("image_format", "jpg", ["jpg", "png"], "Stored format and feature name.")
   flags.DEFINE_bool("overwrite", False, "Replace existing shards in --output_dir.")
   flags.DEFINE_integer("workers", os.cpu_count() or 1, "Threads decoding / re-encoding.")
+  flags.DEFINE_bool("group_captions", False, "Consecutive rows of the same image become one "
+                    "record with all their captions (retrieval evaluation sets).")
   flags.mark_flags_as_required(["input", "output_dir"])
 
   def run(argv):
@@ -415,7 +446,7 @@ def main():
                       caption_column=f.caption_column, separator=f.separator,
                       key_column=f.key_column, examples_per_shard=f.examples_per_shard,
                       resize=f.resize, image_format=f.image_format, overwrite=f.overwrite,
-                      workers=f.workers)
+                      workers=f.workers, group=f.group_captions)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
       logging.error("%s", e)
       return 2

@@ -67,7 +67,8 @@ def main():
   image_size = flags.DEFINE_integer("image_size", None, "Image side for --clip_weights "
                                     "(default: the weights' own, patch size × grid).")
   tasks = flags.DEFINE_list("tasks", None, f"Suite tasks: {','.join(suite.TASKS)}.")
-  datasets = flags.DEFINE_list("datasets", None, "TFDS datasets (e.g. cifar10,coco_captions).")
+  datasets = flags.DEFINE_list("datasets", None, "TFDS datasets (e.g. cifar10,coco_captions) "
+                               "or shards:GLOB (retrieval on multi-caption shards).")
   output_dir = flags.DEFINE_string("output_dir", None, "Suite: results directory.")
   batch_size = flags.DEFINE_integer("batch_size", 256, "Suite: images per batch (all devices).")
   data_dir = flags.DEFINE_string("data_dir", None, "TFDS data dir (default $TFDS_DATA_DIR).")

@@ -12,8 +12,10 @@ images resized and centre-cropped at the model's resolution and normalised its w
   class-mean prototypes (:mod:`fewshot`); ``gda``: the training-free Gaussian discriminant
   adapter ensembled with zero-shot (:mod:`gda`), ``shots`` per class, α chosen on another
   ``shots`` per class;
-* ``retrieval``: image↔text recall@K with every caption of an image (``coco_captions``:
-  TFDS's Karpathy test split).
+* ``retrieval``: image↔text recall@K with every caption of an image (up to 5):
+  ``coco_captions`` (TFDS's Karpathy test split), or ``shards:GLOB``, TFRecord shards whose
+  records hold all captions of an image (``make_shards --group_captions`` from a CSV of a
+  split's image / caption rows, e.g. Flickr30k's Karpathy test split).
 
 Image features of a split are embedded once and cached (:class:`results.FeatureCache`), so
 several tasks share them; each (model, dataset, task) result is one JSON file
@@ -67,10 +69,18 @@ class Options:
   seed: int = 0
 
 
+def is_caption_dataset(dataset: str) -> bool:
+  return dataset in RETRIEVAL_SPLITS or dataset.startswith("shards:")
+
+
 def data_config(model: Model, dataset: str, options: Options) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      source="tfds", name=dataset, data_dir=options.data_dir, seed=options.seed,
-      image_size=model.image_size, normalization=model.normalization, non_rgb="convert"))
+  common = dict(seed=options.seed, image_size=model.image_size,
+                normalization=model.normalization, non_rgb="convert")
+  if dataset.startswith("shards:"):
+    return ml_collections.ConfigDict(dict(source="shards", shards=dataset[len("shards:"):],
+                                          **common))
+  return ml_collections.ConfigDict(dict(source="tfds", name=dataset, data_dir=options.data_dir,
+                                        **common))
 
 
 def _with_progress(batches, what: str, every_s: float = 30.0):
@@ -129,9 +139,11 @@ def run_task(task: str, model: Model, dataset: str, mesh, options: Options,
   if task not in TASKS:
     raise ValueError(f"Unknown evaluation task {task!r}; known: {list(TASKS)}.")
   if task == "retrieval":
-    split = RETRIEVAL_SPLITS.get(dataset, "test")
-    ds = pipeline.stream_eval_dataset(data_config(model, dataset, options), model.tokenizer,
-                                      split=split, num_examples=options.num_test, num_captions=5)
+    config = data_config(model, dataset, options)
+    ds = pipeline.stream_eval_dataset(config, model.tokenizer,
+                                      split=RETRIEVAL_SPLITS.get(dataset, "test"),
+                                      shards=config.get("shards"),
+                                      num_examples=options.num_test, num_captions=5)
     return retrieval.evaluate(model.encoders, model.variables, ds, mesh, options.batch_size)
   train_split, test_split = SPLITS.get(dataset, ("train", "test"))
   test = image_features(model, dataset, test_split, options.num_test, mesh, options, cache)
@@ -160,7 +172,7 @@ def run(model: Model, tasks, datasets, mesh, options: Options, out_dir: str) -> 
   cache = results.FeatureCache(f"{out_dir}/features")
   for dataset in datasets:
     for task in tasks:
-      if (task == "retrieval") != (dataset in RETRIEVAL_SPLITS):
+      if (task == "retrieval") != is_caption_dataset(dataset):
         logging.info("Skipping %s on %s (not applicable).", task, dataset)
         continue
       start = time.perf_counter()
