@@ -22,9 +22,10 @@ and this module turns each into the example :mod:`pipeline` preprocesses (``imag
 Training examples get a random resized crop (``config.data.crop_scale``, ``crop_ratio``;
 decoded with ``decode_and_crop_jpeg``, so only the crop window of a JPEG is decoded; resized
 bilinearly without antialiasing unless ``config.data.antialias``, as big_vision's inception
-crop: antialiasing costs ~25 % of the throughput), an optional flip (``config.data.flip``) and one caption drawn uniformly among the record's
-non-empty captions; all draws are keyed by the record's position, so a resumed run repeats
-them. Evaluation examples are resized and centre-cropped and keep every caption.
+crop: antialiasing costs ~40 % of the throughput), an optional flip (``config.data.flip``)
+and one caption drawn uniformly among the record's non-empty captions; all draws are keyed
+by the record's position, so a resumed run repeats them. Evaluation examples are resized and
+centre-cropped and keep every caption.
 """
 
 from __future__ import annotations
