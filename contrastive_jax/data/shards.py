@@ -61,8 +61,9 @@ def epoch_fn(files: Sequence[str], *, seed: int, cycle_length: int = 16):
   length`` of them interleaved record by record, deterministically.
   """
   files_t = tf.constant(list(files))
-  ids_t = tf.constant([tf.strings.to_hash_bucket_fast(os.path.basename(f), 1 << 31).numpy()
-                       for f in files], tf.int64)
+  # One vectorised op (not one eager op per file: pods read 10⁵ shards).
+  ids_t = tf.strings.to_hash_bucket_fast(tf.constant([os.path.basename(f) for f in files]),
+                                         1 << 31)
   n = len(files)
   cycle = max(1, min(cycle_length, n))
 
