@@ -10,24 +10,9 @@ import tensorflow as tf
 from contrastive_jax.evaluate import embedding, late_interaction, metrics
 
 
-def _caption_batches(dataset: tf.data.Dataset, batch_size: int, store: list):
-  """Batches of ``batch_size`` single captions from examples with ``text [K, L]``,
-  ``text_mask`` and ``text_valid [K]``; ``store`` gets ``(image row, tokens, mask)``."""
-  pending_t, pending_m = [], []
-  row = 0
-  for batch in dataset.batch(batch_size).as_numpy_iterator():
-    valid = batch["text_valid"]
-    images, _ = np.nonzero(valid)
-    store.append((row + images, batch["text"][valid], batch["text_mask"][valid]))
-    row += len(valid)
-    pending_t.extend(batch["text"][valid])
-    pending_m.extend(batch["text_mask"][valid])
-    while len(pending_t) >= batch_size:
-      yield {"text": np.stack(pending_t[:batch_size]),
-             "text_mask": np.stack(pending_m[:batch_size])}
-      del pending_t[:batch_size], pending_m[:batch_size]
-  if pending_t:
-    yield {"text": np.stack(pending_t), "text_mask": np.stack(pending_m)}
+def _chunks(tokens: np.ndarray, mask: np.ndarray, batch_size: int):
+  for i in range(0, len(tokens), batch_size):
+    yield {"text": tokens[i:i + batch_size], "text_mask": mask[i:i + batch_size]}
 
 
 def evaluate(encoders, variables, dataset: tf.data.Dataset, mesh, batch_size: int,
@@ -46,32 +31,33 @@ def evaluate(encoders, variables, dataset: tf.data.Dataset, mesh, batch_size: in
   image_fn = encoders.image_tokens if token_level else encoders.image
   text_fn = encoders.text_tokens if token_level else encoders.text
   multi = "text_valid" in dataset.element_spec
-  tokens, masks = [], []
+  tokens, masks, owners = [], [], []
 
-  def batches(store):
+  def batches():  # one pass: images go to the encoder, captions are kept for the text pass
+    row = 0
     for batch in dataset.batch(batch_size).as_numpy_iterator():
-      if store:
+      if multi:  # every valid caption, with the row of its image
+        valid = batch["text_valid"]
+        owners.append(row + np.nonzero(valid)[0])
+        tokens.append(batch["text"][valid])
+        masks.append(batch["text_mask"][valid])
+        row += len(valid)
+      else:
         tokens.append(batch["text"])
         masks.append(batch["text_mask"])
       yield batch
 
-  images = embedding.embed_batches(image_fn, variables, batches(False), ("image",), mesh,
+  images = embedding.embed_batches(image_fn, variables, batches(), ("image",), mesh,
                                    batch_size)
+  tokens, text_mask = np.concatenate(tokens), np.concatenate(masks)
+  texts = embedding.embed_batches(text_fn, variables, _chunks(tokens, text_mask, batch_size),
+                                  ("text", "text_mask"), mesh, batch_size)
   if multi:
-    stored = []
-    texts = embedding.embed_batches(text_fn, variables,
-                                    _caption_batches(dataset, batch_size, stored),
-                                    ("text", "text_mask"), mesh, batch_size)
-    owner = np.concatenate([o for o, _, _ in stored])
-    positives = owner[None, :] == np.arange(len(images))[:, None]
-    text_mask = np.concatenate([m for _, _, m in stored])
+    positives = np.concatenate(owners)[None, :] == np.arange(len(images))[:, None]
   else:
-    texts = embedding.embed_batches(text_fn, variables, batches(True), ("text", "text_mask"),
-                                    mesh, batch_size)
-    _, caption_id = np.unique(np.concatenate(tokens), axis=0, return_inverse=True)
+    _, caption_id = np.unique(tokens, axis=0, return_inverse=True)
     caption_id = caption_id.reshape(-1)
     positives = caption_id[:, None] == caption_id[None, :]
-    text_mask = np.concatenate(masks)
   if not token_level:
     return metrics.retrieval_metrics(embedding.normalize(images), embedding.normalize(texts),
                                      positives, ks)
