@@ -10,6 +10,7 @@ import sys
 import types
 import zipfile
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,7 +173,8 @@ def _to_torch(config, params):
 def _random_params(model, images, tokens, mask, *, conv_bias=True, seed=0):
   """Random float32 numpy values in the shapes of ``model.init`` (which is slow to run)."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), images, tokens, mask)["params"]
+  shapes = nn.meta.unbox(
+      jax.eval_shape(model.init, jax.random.key(0), images, tokens, mask)["params"])
 
   def value(path, x):
     name = jax.tree_util.keystr(path)
@@ -204,7 +206,8 @@ def test_activation_options_and_defaults():
   assert np.abs(ACTIVATIONS["gelu"](x) - ACTIVATIONS["gelu_exact"](x)).max() > 1e-4
   images = jnp.zeros((2, 8, 8, 3))
   base = dict(patch_size=4, width=16, depth=1, num_heads=2)
-  init = lambda **kw: jax.eval_shape(ViT(**base, **kw).init, jax.random.key(1), images)["params"]
+  init = lambda **kw: nn.meta.unbox(
+      jax.eval_shape(ViT(**base, **kw).init, jax.random.key(1), images)["params"])
   assert set(init()) == {"patch_embed", "pos_embed", "cls", "encoder"}  # names unchanged
   assert set(init(ln_pre=True)) == {"patch_embed", "pos_embed", "cls", "encoder", "ln_pre"}
   with pytest.raises(ValueError, match="activation"):

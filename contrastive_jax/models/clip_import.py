@@ -40,6 +40,7 @@ import math
 import os
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -264,9 +265,9 @@ def _check_against_model(config, params, *, channels: int):
   """The converted tree has exactly the structure and shapes :class:`TwoTower` initialises."""
   model = two_tower(config)
   size, length = config["image_size"], config["text"]["context_length"]
-  expected = jax.eval_shape(
+  expected = nn.meta.unbox(jax.eval_shape(
       model.init, jax.random.key(0), jnp.zeros((1, size, size, channels)),
-      jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), bool))["params"]
+      jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), bool))["params"])
   got = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   if jax.tree.structure(got) != jax.tree.structure(expected) or jax.tree.leaves(
       got) != jax.tree.leaves(expected):

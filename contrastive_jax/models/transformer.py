@@ -12,6 +12,13 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def logical(init, *names):
+  """``init`` with flax logical axis names for the parameter's dimensions (``None``: never
+  sharded). The names are mapped onto mesh axes by :data:`contrastive_jax.partitioning.RULES`;
+  ``embed`` is the model width, the dimension FSDP shards."""
+  return nn.with_logical_partitioning(init, names)
+
+
 def quick_gelu(x):
   """OpenAI CLIP's QuickGELU: ``x · σ(1.702 x)``."""
   return x * jax.nn.sigmoid(1.702 * x)
@@ -43,11 +50,11 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    dense = lambda n, name: nn.Dense(
-        n, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+    dense = lambda n, axes, name: nn.Dense(
+        n, dtype=self.dtype, kernel_init=logical(nn.initializers.xavier_uniform(), *axes),
         bias_init=nn.initializers.normal(1e-6), name=name)
-    x = activation_fn(self.activation)(dense(self.mlp_dim, "fc1")(x))
-    return dense(width, "fc2")(x)
+    x = activation_fn(self.activation)(dense(self.mlp_dim, ("embed", "mlp"), "fc1")(x))
+    return dense(width, ("mlp", "embed"), "fc2")(x)
 
 
 class EncoderBlock(nn.Module):
@@ -63,9 +70,12 @@ class EncoderBlock(nn.Module):
   def __call__(self, x, mask: Optional[jax.Array] = None):
     ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, name=name)
     y = ln("ln_attn")(x)
+    xavier = nn.initializers.xavier_uniform()
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name="attn")(y, y, mask=mask)
+        kernel_init=logical(xavier, "embed", "heads", "kv"),
+        out_kernel_init=logical(xavier, "heads", "kv", "embed"),
+        force_fp32_for_softmax=True, name="attn")(y, y, mask=mask)
     x = x + y
     y = ln("ln_mlp")(x)
     return x + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation,
@@ -82,6 +92,9 @@ class Transformer(nn.Module):
     activation: MLP activation, a key of :data:`ACTIVATIONS` (``"gelu"``: tanh approximation).
     layer_norm_epsilon: epsilon of every LayerNorm (flax's 1e-6; torch / CLIP use 1e-5).
     mlp_dim: MLP hidden size; None: ``int(mlp_ratio * width)``.
+    remat: recompute each block's activations in the backward pass instead of keeping them
+      (``nn.remat``): activation memory of one block instead of ``depth``, for one more
+      forward pass of compute. Parameters and numbers are unchanged.
   """
 
   depth: int
@@ -91,11 +104,13 @@ class Transformer(nn.Module):
   activation: str = "gelu"
   layer_norm_epsilon: float = 1e-6
   mlp_dim: Optional[int] = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, mask: Optional[jax.Array] = None):
     mlp_dim = self.mlp_dim or int(self.mlp_ratio * x.shape[-1])
+    block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, mlp_dim, dtype=self.dtype, activation=self.activation,
+      x = block(self.num_heads, mlp_dim, dtype=self.dtype, activation=self.activation,
                        layer_norm_epsilon=self.layer_norm_epsilon, name=f"block{i}")(x, mask)
     return nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, name="ln_final")(x)

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from contrastive_jax.models.text import TextTransformer
+from contrastive_jax.models.transformer import logical
 from contrastive_jax.models.vit import ViT
 
 CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -24,6 +25,7 @@ class TwoTower(nn.Module):
     logit_scale_init: initial value of the ``logit_scale`` parameter θ (scale = exp θ).
     logit_bias_init: initial ``logit_bias`` (SigLIP); None for no bias parameter.
     dtype: compute dtype of both towers; parameters and outputs stay float32.
+    remat: rematerialise the encoder blocks of both towers (see :class:`Transformer`).
 
   ``__call__(image, text, text_mask)`` returns a dict with ``image_emb [B, E]``,
   ``text_emb [B, E]`` (pooled, projected, not normalised), ``image_tokens [B, N, E]``,
@@ -37,12 +39,14 @@ class TwoTower(nn.Module):
   logit_scale_init: float = CLIP_LOGIT_SCALE_INIT
   logit_bias_init: Optional[float] = None
   dtype: Any = jnp.float32
+  remat: bool = False
 
   def setup(self):
-    self.image_tower = ViT(**self.image, dtype=self.dtype)
-    self.text_tower = TextTransformer(**self.text, dtype=self.dtype)
-    proj = lambda: nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
-                            kernel_init=nn.initializers.xavier_uniform())
+    self.image_tower = ViT(**{"remat": self.remat, **self.image}, dtype=self.dtype)
+    self.text_tower = TextTransformer(**{"remat": self.remat, **self.text}, dtype=self.dtype)
+    proj = lambda: nn.Dense(
+        self.embed_dim, use_bias=False, dtype=self.dtype,
+        kernel_init=logical(nn.initializers.xavier_uniform(), "embed", "joint"))
     self.image_proj = proj()
     self.text_proj = proj()
     self.logit_scale = self.param(

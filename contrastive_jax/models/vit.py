@@ -7,7 +7,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from contrastive_jax.models.transformer import Transformer
+from contrastive_jax.models.transformer import Transformer, logical
 
 POOLS = ("cls", "mean")
 
@@ -21,7 +21,7 @@ class ViT(nn.Module):
 
   CLIP-compatible options (defaults keep the original behaviour and parameter names):
   ``activation`` / ``layer_norm_epsilon`` / ``mlp_dim`` (see :class:`Transformer`) and
-  ``ln_pre``: a LayerNorm ``ln_pre`` on the tokens (class token included) before the blocks.
+  ``remat``: see :class:`Transformer`. ``ln_pre``: a LayerNorm ``ln_pre`` on the tokens (class token included) before the blocks.
   Position embeddings are added to the patches only; the class token ``cls`` is prepended
   afterwards, so CLIP's ``class_embedding + positional_embedding[0]`` maps onto ``cls``.
   """
@@ -37,6 +37,7 @@ class ViT(nn.Module):
   layer_norm_epsilon: float = 1e-6
   ln_pre: bool = False
   mlp_dim: Optional[int] = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images):
@@ -47,10 +48,12 @@ class ViT(nn.Module):
       raise ValueError(
           f"Image size {h}x{w} is not divisible by patch_size={self.patch_size}.")
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding="VALID", dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
+                padding="VALID", dtype=self.dtype,
+                kernel_init=logical(nn.linear.default_kernel_init, None, None, None, "embed"),
+                name="patch_embed")(images.astype(self.dtype))
     b = x.shape[0]
     x = x.reshape(b, -1, self.width)
-    x = x + self.param("pos_embed", nn.initializers.normal(0.02),
+    x = x + self.param("pos_embed", logical(nn.initializers.normal(0.02), None, None, "embed"),
                        (1,) + x.shape[1:]).astype(self.dtype)
     if self.pool == "cls":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width)).astype(self.dtype)
@@ -59,7 +62,7 @@ class ViT(nn.Module):
       x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, name="ln_pre")(x)
     x = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype,
                     activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
-                    mlp_dim=self.mlp_dim, name="encoder")(x)
+                    mlp_dim=self.mlp_dim, remat=self.remat, name="encoder")(x)
     if self.pool == "cls":
       return x[:, 0], x[:, 1:]
     return x.mean(axis=1), x
