@@ -67,7 +67,7 @@ def clip(arg, *, data: dict, evaluators: dict,
     c.tokenizer = dict(name="bytes", context_length=context)
 
   c.model = dict(
-      embed_dim=embed, dtype=dtype, logit_scale_init=math.log(1 / 0.07),
+      embed_dim=embed, dtype=dtype, remat=False, logit_scale_init=math.log(1 / 0.07),
       image=dict(patch_size=patch, width=width, depth=depth, num_heads=heads, pool="cls"),
       text=dict(width=text_width, depth=text_depth, num_heads=text_heads),
   )
@@ -75,7 +75,10 @@ def clip(arg, *, data: dict, evaluators: dict,
   c.optimizer = dict(learning_rate=lr, warmup_steps=warmup, end_factor=0.0, b1=0.9, b2=0.98,
                      eps=1e-6, weight_decay=0.2 if arg.size == "b16" else 0.1,
                      grad_clip_norm=1.0, logit_scale_max=math.log(100.0))
-  c.parallel = dict(mode="jit", data_axis_size=-1)
+  # mode: 'jit' (the model partitioned by the compiler, the loss in shard_map) or 'pmap';
+  # fsdp_axis_size: devices sharing each parameter's shards (1: replicated);
+  # accum_steps: micro-batches per step, negatives kept global (GradCache).
+  c.parallel = dict(mode="jit", data_axis_size=-1, fsdp_axis_size=1, accum_steps=1)
   c.checkpoint = dict(every_steps=10 if tiny else 500, keep=3, async_save=True)
   c.log_every_steps = 5 if tiny else 50
   c.eval = dict(every_steps=0 if tiny else 1000, batch_size=16 if tiny else 256,

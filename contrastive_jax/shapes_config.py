@@ -35,7 +35,8 @@ def image_text(arg=None, *, objective: str) -> ml_collections.ConfigDict:
   width = 32 if tiny else 64
   c.model = dict(
       embed_dim=width,
-      dtype="float32",
+      dtype="float32",  # compute dtype: "bfloat16" keeps float32 parameters and losses
+      remat=False,  # recompute encoder blocks in the backward pass (activation memory)
       logit_scale_init=math.log(1 / 0.07),
       image=dict(patch_size=8, width=width, depth=1 if tiny else 3, num_heads=4, pool="cls"),
       text=dict(width=width, depth=1 if tiny else 2, num_heads=4),
@@ -48,7 +49,10 @@ def image_text(arg=None, *, objective: str) -> ml_collections.ConfigDict:
                      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, grad_clip_norm=1.0,
                      logit_scale_max=math.log(100.0))
 
-  c.parallel = dict(mode="jit", data_axis_size=-1)  # mode: 'jit' (shard_map) or 'pmap'
+  # mode: 'jit' (the model partitioned by the compiler, the loss in shard_map) or 'pmap';
+  # fsdp_axis_size: devices sharing each parameter's shards (1: replicated);
+  # accum_steps: micro-batches per step, negatives kept global (GradCache).
+  c.parallel = dict(mode="jit", data_axis_size=-1, fsdp_axis_size=1, accum_steps=1)
   c.checkpoint = dict(every_steps=20 if tiny else 250, keep=3, async_save=True)
   c.log_every_steps = 10 if tiny else 50
 

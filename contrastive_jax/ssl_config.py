@@ -114,7 +114,9 @@ def image_only(arg=None, *, objective: str, dataset: str) -> ml_collections.Conf
                      grad_clip_norm=0.0)
 
   _method(c, objective, dataset, tiny)
-  c.parallel = dict(mode="jit", data_axis_size=-1)  # mode: 'jit' (shard_map) or 'pmap'
+  # mode: 'jit' (shard_map) or 'pmap'. FSDP and GradCache need image-text objectives split
+  # into embed / contrast; these keep fsdp_axis_size = accum_steps = 1.
+  c.parallel = dict(mode="jit", data_axis_size=-1, fsdp_axis_size=1, accum_steps=1)
   c.checkpoint = dict(every_steps=20 if tiny else 500, keep=3, async_save=True)
   c.log_every_steps = 10 if tiny else 50
 

@@ -3,6 +3,10 @@
 config -> tokenizer, objective, mesh, optimizer -> train state (fresh, or the newest complete
 checkpoint in the workdir) -> loop: per-host batch -> mapped train step -> metrics, progress,
 checkpoints, periodic evaluation. Re-running the same command resumes where it stopped.
+
+Multi-host: every process runs the same command; ``--distributed`` (default ``auto``) joins
+them with ``jax.distributed`` (:func:`parallel.initialize_distributed`); each host feeds its
+own rows, process 0 writes the metrics and config, orbax writes checkpoints from all hosts.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 from clu import parameter_overview, periodic_actions
 from ml_collections import config_flags
 
-from contrastive_jax import checkpointing, evaluate, optim, parallel, train_state, writers
+from contrastive_jax import (checkpointing, evaluate, optim, parallel, partitioning, train_state,
+                             writers)
 from contrastive_jax.data import pipeline, records, tokenizers
 from contrastive_jax.objectives import base as objective_base, make_objective
 
@@ -32,18 +37,39 @@ def build(config):
   which have no ``config.tokenizer``), objective, mesh, optimizer."""
   tokenizer = tokenizers.make_tokenizer(**config.tokenizer) if "tokenizer" in config else None
   objective = make_objective(config, tokenizer)
-  mesh = parallel.make_mesh(config.parallel.data_axis_size)
+  mesh = parallel.make_mesh(config.parallel.data_axis_size,
+                            fsdp=config.parallel.get("fsdp_axis_size", 1))
   parallel.check_batch_size(config.batch_size, mesh)
   optimizer = optim.make_optimizer(config.optimizer, config.total_steps,
                                    config.optimizer.get("logit_scale_max"))
   return tokenizer, objective, mesh, optimizer
 
 
-def initial_state(config, objective, optimizer, sample_batch, mesh):
-  """A fresh, replicated train state (initialised once, jitted)."""
-  sample = jax.tree.map(lambda x: x[:1], sample_batch)
+def _init_sample(sample_batch):
+  """One all-zero row shaped like ``sample_batch`` (initialisation only reads shapes; zeros
+  make it the same on every host)."""
+  return jax.tree.map(lambda x: np.zeros_like(x[:1]), sample_batch)
+
+
+def state_shardings(config, objective, optimizer, sample_batch, mesh):
+  """``(shardings, abstract_state)`` of the train state on ``mesh``: parameters and
+  optimizer moments replicated, or FSDP-sharded when ``fsdp_axis_size > 1``
+  (:mod:`contrastive_jax.partitioning`)."""
+  sample = _init_sample(sample_batch)
   create = functools.partial(train_state.create, objective, optimizer, seed=config.seed)
-  return jax.jit(create, out_shardings=parallel.replicated(mesh))(sample)
+  abstract = jax.eval_shape(create, sample)
+  boxed_params = jax.eval_shape(objective.init, jax.random.PRNGKey(0), sample)[0]
+  shardings = partitioning.state_shardings(
+      abstract, partitioning.param_shardings(boxed_params, mesh), optimizer, mesh)
+  return shardings, abstract
+
+
+def initial_state(config, objective, optimizer, sample_batch, mesh):
+  """A fresh train state, initialised once by a jitted function straight into its
+  shardings (:func:`state_shardings`)."""
+  shardings, _ = state_shardings(config, objective, optimizer, sample_batch, mesh)
+  create = functools.partial(train_state.create, objective, optimizer, seed=config.seed)
+  return jax.jit(create, out_shardings=shardings)(_init_sample(sample_batch))
 
 
 def _gather_hosts(value):
@@ -115,24 +141,27 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   local_rows = parallel.local_batch_size(config.batch_size)
   pipeline.validate_batch(first, objective.batch_keys, local_rows)
 
+  shardings, _ = state_shardings(config, objective, optimizer, first, mesh)
   state = initial_state(config, objective, optimizer, first, mesh)
   if start_step:
     state, meta = checkpointing.restore(mngr, state, start_step)
     logging.info("Resumed from step %d (data position %s).", start_step, meta["data_position"])
-  else:
-    parameter_overview.log_parameter_overview(state.params)
+  else:  # statistics need every value on this host
+    addressable = all(x.is_fully_addressable for x in jax.tree.leaves(state.params))
+    parameter_overview.log_parameter_overview(state.params, include_stats=addressable)
 
   writer = writers.make_writer(workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  logging.info("%d processes, %d devices (%s), mesh %s, mode %s, global batch %d.",
+  logging.info("%d processes, %d devices (%s), mesh %s, mode %s, global batch %d, "
+               "%d micro-batches, parameters in memory per device: %.1f MB.",
                jax.process_count(), jax.device_count(), jax.devices()[0].platform,
-               dict(mesh.shape), config.parallel.mode, config.batch_size)
+               dict(mesh.shape), config.parallel.mode, config.batch_size,
+               config.parallel.get("accum_steps", 1),
+               partitioning.bytes_per_device(state.params) / 2**20)
 
-  step_fn = parallel.map_step(
-      functools.partial(train_state.train_step, objective=objective, optimizer=optimizer),
-      mesh, config.parallel.mode)
+  step_fn = train_state.make_step(config, objective, optimizer, mesh, shardings)
   total = config.total_steps
   progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                              every_steps=config.log_every_steps)
@@ -200,11 +229,10 @@ def restore_variables(config, checkpoint_dir: str, step: Optional[int] = None):
   """
   tokenizer, objective, mesh, optimizer = build(config)
   sample = next(pipeline.as_numpy_batches(pipeline.train_dataset(config, tokenizer).take(1)))
-  sample = jax.tree.map(lambda x: x[:1], records.pop_bookkeeping(sample)[0])
-  create = functools.partial(train_state.create, objective, optimizer, seed=config.seed)
-  replicated = parallel.replicated(mesh)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                          jax.eval_shape(create, sample))
+  shardings, abstract = state_shardings(config, objective, optimizer,
+                                        records.pop_bookkeeping(sample)[0], mesh)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          abstract, shardings)
   state, meta = checkpointing.restore(checkpointing.manager_at(checkpoint_dir), abstract, step)
   variables = objective_base.eval_variables(objective, state.params, state.objective_state)
   return tokenizer, objective, mesh, variables, meta["step"]
@@ -214,10 +242,19 @@ def main():
   config_flag = config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                                 lock_config=True)
   workdir_flag = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+  distributed_flag = flags.DEFINE_enum(
+      "distributed", "auto", parallel.DISTRIBUTED,
+      "Join the other processes with jax.distributed: 'auto' when JAX_COORDINATOR_ADDRESS or a "
+      "multi-task SLURM step is found, 'true' always (TPU VM pods), 'false' never.")
+  heartbeat_flag = flags.DEFINE_integer(
+      "heartbeat_timeout_s", 100,
+      "Seconds without a heartbeat after which a lost process makes the others exit.")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def run(argv):
     del argv
+    parallel.initialize_distributed(distributed_flag.value,
+                                    heartbeat_timeout_s=heartbeat_flag.value)
     writers.quiet_library_logs()
     os.makedirs(workdir_flag.value, exist_ok=True)
     results = train_and_evaluate(config_flag.value, workdir_flag.value)

@@ -1,4 +1,5 @@
-"""The per-device train step: jit/shard_map vs pmap vs one device, and mesh checks."""
+"""The train steps: the global-view step (model partitioned by the compiler, loss in
+shard_map) vs the per-device step in shard_map vs pmap vs one device, and mesh checks."""
 
 import functools
 
@@ -18,11 +19,17 @@ def setup():
   batch = next(pipeline.as_numpy_batches(pipeline.train_dataset(config, tokenizer)))
   state = train.initial_state(config, objective, optimizer, batch, mesh)
   step = functools.partial(train_state.train_step, objective=objective, optimizer=optimizer)
-  return config, step, state, batch, mesh
+  return config, step, state, batch, mesh, (config, objective, optimizer)
 
 
 def _run(step, state, batch, mesh, mode, n=2):
-  fn = parallel.map_step(step, mesh, mode, donate_state=False)
+  if mode == "sharded":  # what the trainer runs for CLIP in mode 'jit'
+    config, objective, optimizer = step
+    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+    fn = train_state.make_step(config, objective, optimizer, mesh, shardings,
+                               donate_state=False)
+  else:
+    fn = parallel.map_step(step, mesh, mode, donate_state=False)
   out = []
   for _ in range(n):
     state, metrics = fn(state, batch)
@@ -36,7 +43,7 @@ def _assert_close(a, b, rtol=1e-5, atol=1e-6):
 
 
 def test_jit_and_pmap_steps_agree(setup):
-  _, step, state, batch, mesh = setup
+  _, step, state, batch, mesh, _ = setup
   jit_state, jit_metrics = _run(step, state, batch, mesh, "jit")
   pmap_state, pmap_metrics = _run(step, state, batch, mesh, "pmap")
   _assert_close(jit_metrics, pmap_metrics)
@@ -49,9 +56,22 @@ def test_jit_and_pmap_steps_agree(setup):
   assert moved > 1e-4
 
 
+def test_sharded_step_matches_the_per_device_step(setup):
+  """Model under the compiler's partitioning + loss in shard_map == all in shard_map."""
+  _, step, state, batch, mesh, pieces = setup
+  per_device, per_device_metrics = _run(step, state, batch, mesh, "jit")
+  sharded, sharded_metrics = _run(pieces, state, batch, mesh, "sharded")
+  _assert_close(sharded_metrics, per_device_metrics)
+  _assert_close(sharded.params, per_device.params)
+  one = parallel.make_mesh(1)
+  one_state, _ = _run(pieces, jax.device_put(jax.device_get(state), parallel.replicated(one)),
+                      batch, one, "sharded")
+  _assert_close(sharded.params, one_state.params, rtol=1e-4, atol=1e-5)
+
+
 def test_eight_devices_match_one_device(setup):
   """The global-batch gradient does not depend on how the batch is split."""
-  _, step, state, batch, mesh = setup
+  _, step, state, batch, mesh, _ = setup
   eight_state, eight_metrics = _run(step, state, batch, mesh, "jit", n=1)
   one = parallel.make_mesh(1)
   one_state, one_metrics = _run(step, jax.device_put(jax.device_get(state),
@@ -62,7 +82,7 @@ def test_eight_devices_match_one_device(setup):
 
 
 def test_mesh_and_batch_checks():
-  with pytest.raises(ValueError, match="only 8 devices"):
+  with pytest.raises(ValueError, match="needs more than the 8 devices"):
     parallel.make_mesh(16)
   with pytest.raises(ValueError, match="does not divide by the 8 devices"):
     parallel.check_batch_size(20, parallel.make_mesh())

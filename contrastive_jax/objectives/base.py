@@ -13,6 +13,12 @@ An objective is a small object with
   evaluators apply ``model.encode_image`` / ``encode_text`` with (models with BatchNorm add
   their running ``batch_stats``); ``{"params": params}`` when absent.
 
+Objectives built on :class:`Split` (CLIP, ConVIRT, SigLIP, FILIP) also expose their loss as two
+halves, ``embed`` (the model, row by row) and ``contrast`` (the loss on the embeddings, with
+collectives), which is what lets the trainer run the model under the compiler's partitioning
+(FSDP) and accumulate gradients over micro-batches without losing global negatives
+(:mod:`contrastive_jax.accumulation`).
+
 Adding a method means adding one module here and one entry in ``OBJECTIVES``.
 """
 
@@ -29,6 +35,25 @@ def eval_variables(objective, params, objective_state):
   return fn(params, objective_state) if fn is not None else {"params": params}
 
 
+class Split:
+  """Base of objectives whose loss is ``contrast(embed(...))``.
+
+  * ``embed(params, state, batch) -> outputs``: the model on the rows of ``batch``; a dict of
+    per-row arrays (leading axis = the rows of ``batch``) and scalars (``ndim == 0``, the same
+    for every row, e.g. the logit scale). Rows must not interact (no batch statistics, no
+    randomness), so embedding a batch in shards or micro-batches gives the same rows.
+  * ``contrast(outputs, state, rng, *, axis_name) -> (loss, (metrics, new_state))``: the loss
+    contract on the local rows of ``outputs``, global over ``axis_name``.
+  """
+
+  def loss(self, params, state, batch, rng, *, axis_name=None):
+    return self.contrast(self.embed(params, state, batch), state, rng, axis_name=axis_name)
+
+
+def is_split(objective) -> bool:
+  return isinstance(objective, Split)
+
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -40,11 +65,13 @@ def dtype_from_config(name: str):
 
 def two_tower_from_config(model_config, *, vocab_size: int, context_length: int,
                           **overrides) -> TwoTower:
-  """Builds :class:`TwoTower` from ``config.model`` (``image``, ``text``, ``embed_dim``, ``dtype``)."""
+  """Builds :class:`TwoTower` from ``config.model`` (``image``, ``text``, ``embed_dim``,
+  ``dtype``, ``remat``)."""
   text = dict(model_config.text)
   text.update(vocab_size=vocab_size, context_length=context_length)
   kwargs = dict(image=dict(model_config.image), text=text, embed_dim=model_config.embed_dim,
-                dtype=dtype_from_config(model_config.get("dtype", "float32")))
+                dtype=dtype_from_config(model_config.get("dtype", "float32")),
+                remat=model_config.get("remat", False))
   kwargs.update(overrides)
   return TwoTower(**kwargs)
 

@@ -6,7 +6,7 @@ from contrastive_jax import losses
 from contrastive_jax.objectives import base
 
 
-class Clip:
+class Clip(base.Split):
   """Image-text contrastive pretraining with CLIP's loss in its memory-lean ring form
   (:func:`contrastive_jax.losses.ring_clip_loss`, equal to ``clip_loss``); the local rows are
   scored ``config.loss.block_size`` at a time (absent or None: all at once)."""
@@ -21,9 +21,13 @@ class Clip:
     variables = self.model.init(rng, batch["image"], batch["text"], batch["text_mask"])
     return variables["params"], {}
 
-  def loss(self, params, state, batch, rng, *, axis_name=None):
-    del rng  # no stochastic layers
+  def embed(self, params, state, batch):
+    del state
     out = self.model.apply({"params": params}, batch["image"], batch["text"], batch["text_mask"])
+    return {k: out[k] for k in ("image_emb", "text_emb", "logit_scale")}
+
+  def contrast(self, out, state, rng, *, axis_name=None):
+    del rng  # no stochastic terms
     loss, metrics = losses.ring_clip_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
                                           block_size=self.block_size, axis_name=axis_name)
     metrics["logit_scale"] = out["logit_scale"]
@@ -40,9 +44,8 @@ class Convirt(Clip):
     self.temperature = config.loss.temperature
     self.i2t_weight = config.loss.i2t_weight
 
-  def loss(self, params, state, batch, rng, *, axis_name=None):
+  def contrast(self, out, state, rng, *, axis_name=None):
     del rng
-    out = self.model.apply({"params": params}, batch["image"], batch["text"], batch["text_mask"])
     loss, metrics = losses.ring_clip_loss(out["image_emb"], out["text_emb"],
                                           1.0 / self.temperature, i2t_weight=self.i2t_weight,
                                           block_size=self.block_size, axis_name=axis_name)

@@ -22,8 +22,12 @@ class Filip(Clip):
     super().__init__(config, tokenizer)
     self.keep_image_tokens = config.loss.get("keep_image_tokens")
 
-  def loss(self, params, state, batch, rng, *, axis_name=None):
+  def embed(self, params, state, batch):
+    del state
     out = self.model.apply({"params": params}, batch["image"], batch["text"], batch["text_mask"])
+    return {k: out[k] for k in ("image_tokens", "text_tokens", "text_mask", "logit_scale")}
+
+  def contrast(self, out, state, rng, *, axis_name=None):
     loss, metrics = losses.ring_filip_loss(
         out["image_tokens"], out["text_tokens"], out["text_mask"], out["logit_scale"],
         keep_image_tokens=self.keep_image_tokens, rng=rng, block_size=self.block_size,

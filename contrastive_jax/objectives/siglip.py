@@ -27,9 +27,13 @@ class Siglip(Clip):
         logit_bias_init=config.model.get("logit_bias_init", SIGLIP_LOGIT_BIAS_INIT))
     self.block_size = config.loss.get("block_size") if "loss" in config else None
 
-  def loss(self, params, state, batch, rng, *, axis_name=None):
-    del rng  # no stochastic layers
+  def embed(self, params, state, batch):
+    del state
     out = self.model.apply({"params": params}, batch["image"], batch["text"], batch["text_mask"])
+    return {k: out[k] for k in ("image_emb", "text_emb", "logit_scale", "logit_bias")}
+
+  def contrast(self, out, state, rng, *, axis_name=None):
+    del rng  # no stochastic terms
     loss, metrics = losses.ring_siglip_loss(
         out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"],
         block_size=self.block_size, axis_name=axis_name)
