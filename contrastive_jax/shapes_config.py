@@ -5,6 +5,8 @@
   size:  ``cpu`` (default: CLIP reaches ≥ 0.90 zero-shot acc1 in minutes on 2 CPU cores) or
          ``tiny`` (seconds; used by the tests).
   steps: total optimizer steps (0: the size's default).
+  eval:  1 (default) zero-shot and retrieval evaluation at the end (and every
+         ``eval.every_steps``); 0 none.
 """
 
 import math
@@ -17,7 +19,7 @@ from contrastive_jax.config_args import parse_arg
 
 def image_text(arg=None, *, objective: str) -> ml_collections.ConfigDict:
   """The shapes image-text config for ``objective`` (see the module docstring for ``arg``)."""
-  arg = parse_arg(arg, size="cpu", steps=0)
+  arg = parse_arg(arg, size="cpu", steps=0, eval=1)
   tiny = arg.size == "tiny"
   if arg.size not in ("cpu", "tiny"):
     raise ValueError(f"shapes config size={arg.size!r}; expected 'cpu' or 'tiny'.")
@@ -57,14 +59,15 @@ def image_text(arg=None, *, objective: str) -> ml_collections.ConfigDict:
   c.log_every_steps = 10 if tiny else 50
 
   test_examples = 256 if tiny else 4096
+  evaluators = dict(
+      zeroshot=dict(kind="zeroshot", dataset="shapes", split="test",
+                    num_examples=test_examples),
+      retrieval=dict(kind="retrieval", dataset="shapes", split="test",
+                     num_examples=256 if tiny else 1024),
+  )
   c.eval = dict(
       every_steps=0 if tiny else 500,  # 0: only at the end
       batch_size=64 if tiny else 256,
-      evaluators=dict(
-          zeroshot=dict(kind="zeroshot", dataset="shapes", split="test",
-                        num_examples=test_examples),
-          retrieval=dict(kind="retrieval", dataset="shapes", split="test",
-                         num_examples=256 if tiny else 1024),
-      ),
+      evaluators=evaluators if arg.eval else {},
   )
   return c

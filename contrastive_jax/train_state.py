@@ -23,6 +23,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from contrastive_jax import accumulation, parallel, partitioning
+from contrastive_jax.models import transformer
 from contrastive_jax.objectives import base as objective_base
 
 
@@ -111,7 +112,12 @@ def sharded_train_step(state: TrainState, batch, *, objective, optimizer, mesh,
     return jax.shard_map(local_contrast, mesh=mesh, in_specs=(specs, P(), P()),
                          out_specs=P())(out, state.objective_state, step_rng)
 
-  embed = lambda p, b: objective.embed(p, state.objective_state, b)
+  rows = NamedSharding(mesh, P(axes))
+
+  def embed(params, batch):
+    with transformer.rows_sharding(rows):  # activations keep their rows split (FSDP)
+      return objective.embed(params, state.objective_state, batch)
+
   if accum_steps > 1:
     constrain = lambda spec: (lambda t: jax.tree.map(
         lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)), t))

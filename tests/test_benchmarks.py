@@ -82,3 +82,14 @@ def test_eval_throughput_compares_evaluation_with_the_plain_forward():
   config = bench.load_config(str(REPO / "configs/clip_shards.py") + ":data=unused,size=tiny")
   row = bench.measure(config, 16, 2, rounds=1)
   assert row["devices"] == 8 and row["forward_images_per_s"] > 0 and row["ratio"] > 0
+
+
+def test_scale_memory_reports_what_each_setting_divides():
+  bench = _load("scale_memory")
+  config = bench.model_config(64, 1, 32, 32)
+  base = bench.measure(config)
+  both = bench.measure(config, fsdp=4, accum=4)
+  # Compiled sizes, deterministic: FSDP splits the state, GradCache the activations.
+  assert both["state_bytes"] < 0.35 * base["state_bytes"]
+  assert both["activation_bytes"] * 4 == base["activation_bytes"]
+  assert both["temp_bytes"] < base["temp_bytes"]

@@ -24,16 +24,18 @@ SMALL_EVAL = {"eval.evaluators.zeroshot.num_examples": 64,
               "eval.evaluators.retrieval.num_examples": 64}
 
 
-def _train_args(workdir, steps=STEPS, every=EVERY):
-  overrides = dict(SMALL_EVAL, **{"checkpoint.every_steps": every})
-  return ([f"--config=configs/clip_shapes.py:size=tiny,steps={steps}", f"--workdir={workdir}",
-           "--heartbeat_timeout_s=5"] + [f"--config.{k}={v}" for k, v in overrides.items()])
+def _train_args(workdir, steps=STEPS, every=EVERY, evaluate=True):
+  """The trainer's arguments; ``evaluate=False`` skips the final evaluation (eval=0)."""
+  overrides = dict(SMALL_EVAL if evaluate else {}, **{"checkpoint.every_steps": every})
+  config = f"configs/clip_shapes.py:size=tiny,steps={steps},eval={int(evaluate)}"
+  return ([f"--config={config}", f"--workdir={workdir}", "--heartbeat_timeout_s=5"] +
+          [f"--config.{k}={v}" for k, v in overrides.items()])
 
 
-def _local_launch(workdir, log_dir, steps=STEPS, every=EVERY):
+def _local_launch(workdir, log_dir, **train_args):
   return [sys.executable, "launch/local.py", "--processes=2", "--devices_per_process=4",
           f"--log_dir={log_dir}", "--grace_s=100", "--", sys.executable, "-m",
-          "contrastive_jax.train", *_train_args(workdir, steps, every)]
+          "contrastive_jax.train", *_train_args(workdir, **train_args)]
 
 
 def _params(config, workdir, step):
@@ -90,8 +92,8 @@ def test_one_process_checkpoint_resumes_in_two_slurm_tasks(one_process, tmp_path
              SLURM_GPUS_ON_NODE="2", SLURM_SUBMIT_DIR=str(REPO), LOG_DIR=str(tmp_path / "logs"),
              PYTHON=sys.executable, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  run = subprocess.run(["bash", "launch/slurm_train.sbatch", *_train_args(workdir)], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=600)
+  command = ["bash", "launch/slurm_train.sbatch", *_train_args(workdir, evaluate=False)]
+  run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   task_logs = [p.read_text() for p in sorted((tmp_path / "logs").glob("*.log"))]
   assert run.returncode == 0, run.stdout[-2000:] + "".join(t[-3000:] for t in task_logs)
   assert len(task_logs) == 2 and all("Resumed from step 4" in t for t in task_logs)
@@ -101,8 +103,8 @@ def test_one_process_checkpoint_resumes_in_two_slurm_tasks(one_process, tmp_path
 
 def test_killed_process_stops_the_other_and_the_relaunch_resumes(tmp_path):
   workdir, logs = tmp_path / "run", tmp_path / "logs"
-  total, every = 60, 5
-  command = _local_launch(workdir, logs, steps=total, every=every)
+  total, every = 40, 5
+  command = _local_launch(workdir, logs, steps=total, every=every, evaluate=False)
   launch = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
   first = workdir / "checkpoints" / str(every)

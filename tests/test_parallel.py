@@ -63,10 +63,6 @@ def test_sharded_step_matches_the_per_device_step(setup):
   sharded, sharded_metrics = _run(pieces, state, batch, mesh, "sharded")
   _assert_close(sharded_metrics, per_device_metrics)
   _assert_close(sharded.params, per_device.params)
-  one = parallel.make_mesh(1)
-  one_state, _ = _run(pieces, jax.device_put(jax.device_get(state), parallel.replicated(one)),
-                      batch, one, "sharded")
-  _assert_close(sharded.params, one_state.params, rtol=1e-4, atol=1e-5)
 
 
 def test_eight_devices_match_one_device(setup):

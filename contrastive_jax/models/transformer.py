@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+
+_ROWS_SHARDING: contextvars.ContextVar = contextvars.ContextVar("rows_sharding", default=None)
+
+
+@contextlib.contextmanager
+def rows_sharding(sharding) -> Iterator[None]:
+  """Within this context (while tracing), activations ``[B, ...]`` between encoder blocks are
+  constrained to ``sharding`` (a ``NamedSharding`` splitting the rows over the batch axes).
+
+  Under FSDP the compiler would otherwise follow the parameters' sharding of the width into
+  the activations and reshard them every layer; with the rows pinned it gathers each
+  weight where it is used instead.
+  """
+  token = _ROWS_SHARDING.set(sharding)
+  try:
+    yield
+  finally:
+    _ROWS_SHARDING.reset(token)
+
+
+def constrain_rows(x):
+  sharding = _ROWS_SHARDING.get()
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def logical(init, *names):
@@ -111,6 +137,8 @@ class Transformer(nn.Module):
     mlp_dim = self.mlp_dim or int(self.mlp_ratio * x.shape[-1])
     block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     for i in range(self.depth):
+      x = constrain_rows(x)
       x = block(self.num_heads, mlp_dim, dtype=self.dtype, activation=self.activation,
                        layer_norm_epsilon=self.layer_norm_epsilon, name=f"block{i}")(x, mask)
+    x = constrain_rows(x)
     return nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, name="ln_final")(x)
