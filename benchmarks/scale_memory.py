@@ -6,10 +6,13 @@ compiled program's memory analysis: ``state`` = bytes of the train state held pe
 (parameters + optimizer moments), ``temp`` = the step's temporary buffers (activations,
 gradients, collectives), and the activations the backward pass keeps for one micro-batch
 (residuals of ``jax.vjp`` of the model, at the JAX level: XLA's CPU scheduler does not turn
-remat's smaller residuals into a smaller ``temp``; accelerators' memory-aware schedulers do). Each row changes one setting from the baseline: FSDP over 2 / 4 / 8
-devices, GradCache over 2 / 4 / 8 micro-batches at the same global batch, remat, bfloat16.
+remat's smaller residuals into a smaller ``temp``; accelerators' memory-aware schedulers
+should, not measured here). Each row changes one setting from the baseline: FSDP over
+2 / 4 / 8 devices, GradCache over 2 / 4 / 8 micro-batches at the same global batch, remat,
+bfloat16.
 
-  python benchmarks/scale_memory.py --devices 8 --width 256 --depth 6 --batch 256 \\
+  python benchmarks/scale_memory.py --devices 8 --width 256 --depth 4 --image_size 64 \\
+      --batch 256 \\
       --output benchmarks/results/scale_memory_cpu.json
 """
 

@@ -13,7 +13,8 @@ over the whole batch: each micro-batch would only see its own negatives. GradCac
 
 An accumulated step therefore equals the full-batch step up to float rounding (tested), at
 the cost of a second forward pass. Rows are assigned so that every micro-batch is spread over
-every batch shard (device): micro-batch ``k`` holds rows ``k·m … (k+1)·m`` of each shard's block.
+every batch shard (device): micro-batch ``k`` holds rows ``k·m … (k+1)·m`` of each shard's
+block.
 """
 
 from __future__ import annotations

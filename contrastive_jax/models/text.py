@@ -40,7 +40,8 @@ class TextTransformer(nn.Module):
     _, length = tokens.shape
     if length > self.context_length:
       raise ValueError(f"Text length {length} exceeds context_length={self.context_length}.")
-    x = nn.Embed(self.vocab_size, self.width, embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
+    x = nn.Embed(self.vocab_size, self.width,
+                 embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
                  dtype=self.dtype, name="token_embed")(tokens)
     pos = self.param("pos_embed", logical(nn.initializers.normal(0.01), None, None, "embed"),
                      (1, self.context_length, self.width))

@@ -21,7 +21,8 @@ class ViT(nn.Module):
 
   CLIP-compatible options (defaults keep the original behaviour and parameter names):
   ``activation`` / ``layer_norm_epsilon`` / ``mlp_dim`` (see :class:`Transformer`) and
-  ``remat``: see :class:`Transformer`. ``ln_pre``: a LayerNorm ``ln_pre`` on the tokens (class token included) before the blocks.
+  ``remat``: see :class:`Transformer`. ``ln_pre``: a LayerNorm ``ln_pre`` on the tokens
+  (class token included) before the blocks.
   Position embeddings are added to the patches only; the class token ``cls`` is prepended
   afterwards, so CLIP's ``class_embedding + positional_embedding[0]`` maps onto ``cls``.
   """
