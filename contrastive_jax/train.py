@@ -64,10 +64,11 @@ def state_shardings(config, objective, optimizer, sample_batch, mesh):
   return shardings, abstract
 
 
-def initial_state(config, objective, optimizer, sample_batch, mesh):
+def initial_state(config, objective, optimizer, sample_batch, mesh, shardings=None):
   """A fresh train state, initialised once by a jitted function straight into its
-  shardings (:func:`state_shardings`)."""
-  shardings, _ = state_shardings(config, objective, optimizer, sample_batch, mesh)
+  ``shardings`` (None: :func:`state_shardings`)."""
+  if shardings is None:
+    shardings, _ = state_shardings(config, objective, optimizer, sample_batch, mesh)
   create = functools.partial(train_state.create, objective, optimizer, seed=config.seed)
   return jax.jit(create, out_shardings=shardings)(_init_sample(sample_batch))
 
@@ -142,7 +143,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   pipeline.validate_batch(first, objective.batch_keys, local_rows)
 
   shardings, _ = state_shardings(config, objective, optimizer, first, mesh)
-  state = initial_state(config, objective, optimizer, first, mesh)
+  state = initial_state(config, objective, optimizer, first, mesh, shardings)
   if start_step:
     state, meta = checkpointing.restore(mngr, state, start_step)
     logging.info("Resumed from step %d (data position %s).", start_step, meta["data_position"])
