@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, load_config, tiny_config
 from contrastive_jax import train, writers
 
 STEPS, EVERY = 8, 4
@@ -130,3 +130,38 @@ def test_killed_process_stops_the_other_and_the_relaunch_resumes(tmp_path):
   assert rerun.returncode == 0, rerun.stdout[-4000:]
   assert f"Resumed from step {done[-1]}" in (logs / "process-0.log").read_text()
   assert (workdir / "checkpoints" / str(total)).is_dir()
+
+
+def test_two_hosts_stream_shards_and_resume_exactly(tmp_path):
+  """Each process reads its own shard files; the checkpoint keeps both hosts' positions and
+  bad-record counters (gathered across processes), and a resumed run continues exactly."""
+  import stream_fixtures as sf
+  from contrastive_jax import checkpointing
+  pattern = sf.write_shards(str(tmp_path / "shards"))["pattern"]
+  args = lambda workdir: [  # noqa: E731
+      sys.executable, "launch/local.py", "--processes=2", "--devices_per_process=4",
+      f"--log_dir={tmp_path / 'logs'}", "--", sys.executable, "-m", "contrastive_jax.train",
+      f"--config=configs/clip_shards.py:data={pattern},size=tiny,steps=6,batch=8",
+      f"--workdir={workdir}", "--config.checkpoint.every_steps=3",
+      "--config.log_every_steps=3", "--heartbeat_timeout_s=5"]
+  full = tmp_path / "full"
+  run = subprocess.run(args(full), cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stdout[-4000:]
+  mngr = checkpointing.manager(str(full), keep=3)
+  hosts = checkpointing.read_meta(mngr, 6)["data_position"]["hosts"]
+  assert len(hosts) == 2 and hosts[0] != hosts[1]
+  last = [r for r in writers.read_jsonl(full / "metrics.jsonl") if "train/loss" in r][-1]
+  skipped = {k: v for k, v in last.items() if k.startswith("data/skipped_")}
+  assert sum(skipped.values()) == sum(sum(h["counts"].get(k[len("data/skipped_"):], 0)
+                                          for h in hosts) for k in skipped) > 0
+
+  resumed = tmp_path / "resumed"
+  shutil.copytree(full, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "6")
+  rerun = subprocess.run(args(resumed), cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stdout[-4000:]
+  assert "Resumed from step 3" in (tmp_path / "logs" / "process-1.log").read_text()
+  a = checkpointing.read_meta(checkpointing.manager(str(resumed), keep=3), 6)
+  assert a["data_position"] == checkpointing.read_meta(mngr, 6)["data_position"]
+  config = load_config("clip_shards", f"data={pattern},size=tiny,steps=6,batch=8")
+  _assert_close(_params(config, str(resumed), 6), _params(config, str(full), 6), atol=1e-6)
