@@ -29,6 +29,8 @@ CPU_STEPS = {"simclr": 4500, "dcl": 4500, "isogclr": 4500, "swav": 1800, "mochi"
 def _method(c, objective: str, dataset: str, tiny: bool) -> None:
   """The method's own fields (METHODS.md defaults, scaled to small images and short runs)."""
   loss = c.loss
+  if objective in ("simclr", "dcl"):  # ring losses: local anchor rows scored at once
+    loss.block_size = config_dict.placeholder(int)
   if objective == "simclr":
     loss.temperature = 0.2
   elif objective == "dcl":

@@ -21,6 +21,7 @@ from contrastive_jax.losses.protoclip import (back_translate, external_teacher_l
 from contrastive_jax.losses.siglip import siglip_loss
 from contrastive_jax.losses.siglip_ring import ring_siglip_loss
 from contrastive_jax.losses.simclr import nt_xent_logits, nt_xent_loss
+from contrastive_jax.losses.simclr_ring import ring_dcl_loss, ring_nt_xent_loss
 from contrastive_jax.losses.swav import sinkhorn, swav_loss
 
 __all__ = [
@@ -28,7 +29,7 @@ __all__ = [
     "dcl_loss", "dreamlip_loss", "enqueue", "external_teacher_loss", "filip_loss", "grouping_loss",
     "infonce_from_logits", "isogclr_loss", "l2_normalize", "mix_hard_negatives", "moco_loss",
     "multi_positive_loss", "nt_xent_logits", "nt_xent_loss", "pixel_propagation", "pixpro_loss",
-    "positive_pixel_mask", "prototype_loss", "ring_clip_loss", "ring_filip_loss",
-    "ring_multi_positive_loss", "ring_siglip_loss", "siglip_loss", "sinkhorn", "soft_targets",
-    "swav_loss",
+    "positive_pixel_mask", "prototype_loss", "ring_clip_loss", "ring_dcl_loss",
+    "ring_filip_loss", "ring_multi_positive_loss", "ring_nt_xent_loss", "ring_siglip_loss",
+    "siglip_loss", "sinkhorn", "soft_targets", "swav_loss",
 ]

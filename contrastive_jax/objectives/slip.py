@@ -4,7 +4,9 @@
 global-batch loss (ring form of pattern L, not the reference's gather without gradient);
 the SimCLR term scores two image-only augmented views (``views``, from
 ``config.data.views.ssl``) through the shared image tower and SLIP's own MLP head, at a fixed
-temperature, gathered with gradient. The CLIP term sees the pipeline's ``image`` unchanged.
+temperature, as a memory-lean ring (``ring_nt_xent_loss``, row blocks of
+``config.loss.block_size`` as the CLIP term; exact global gradients). The CLIP term sees the
+pipeline's ``image`` unchanged.
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ class Slip:
     clip_loss, metrics = losses.ring_clip_loss(out["image_emb"], out["text_emb"],
                                                out["logit_scale"], block_size=self.block_size,
                                                axis_name=axis_name)
-    ssl_loss, ssl_metrics = losses.nt_xent_loss(out["ssl_emb"][:, 0], out["ssl_emb"][:, 1],
-                                                self.ssl_temperature, axis_name=axis_name)
+    ssl_loss, ssl_metrics = losses.ring_nt_xent_loss(
+        out["ssl_emb"][:, 0], out["ssl_emb"][:, 1], self.ssl_temperature,
+        block_size=self.block_size, axis_name=axis_name)
     metrics.update(clip_loss=clip_loss, ssl_loss=ssl_loss, ssl_acc=ssl_metrics["acc"],
                    logit_scale=out["logit_scale"])
     return clip_loss + self.ssl_scale * ssl_loss, (metrics, state)
