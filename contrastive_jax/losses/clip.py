@@ -103,7 +103,7 @@ def infonce_from_logits(logits_i2t, logits_t2i, labels, *, i2t_weight=0.5, label
     return common.global_sum(local_sum, axis_name) / count
 
   loss = mean(i2t_weight * jnp.sum(xent_i2t) + (1 - i2t_weight) * jnp.sum(xent_t2i), global_b)
-  num_neg = global_b * (global_b - 1)
+  num_neg = float(global_b) * (global_b - 1)  # float: B² overflows int32
   metrics = {
       "i2t_acc": mean(jnp.sum(hit_i2t), global_b),
       "t2i_acc": mean(jnp.sum(hit_t2i), global_b),

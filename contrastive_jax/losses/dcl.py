@@ -127,7 +127,7 @@ def dcl_loss(z1, z2, temperature=0.1, *, sigma=None, stop_gradient_weights=True,
   neg_max = jnp.max(jnp.where(neg_mask, logits, _MASKED), axis=1)
   hit = (pos > neg_max).astype(jnp.float32)
   neg_sum = jnp.sum(jnp.where(neg_mask, logits, 0.0))
-  num_neg = two_b * (two_b - 2)
+  num_neg = float(two_b) * (two_b - 2)  # float: B² overflows int32
   metrics = {
       "acc": common.global_sum(jnp.sum(hit), axis_name) / two_b,
       "pos_logit": common.global_sum(jnp.sum(pos), axis_name) / two_b,

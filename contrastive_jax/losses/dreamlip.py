@@ -256,7 +256,9 @@ def ring_multi_positive_loss(image_emb, text_emb, logit_scale, *, text_valid=Non
       "acc": _global_mean(jnp.sum(hit), b, axis_name),
       "pos_logit": pos_total / jnp.maximum(num_valid, 1),
       # Every valid text is a positive of exactly one image and a negative of the others.
-      "neg_logit": (all_total - pos_total) / jnp.maximum((global_b - 1) * num_valid, 1),
+      # float: (B − 1) · B·T overflows int32 at large batches.
+      "neg_logit": (all_total - pos_total)
+                   / jnp.maximum((global_b - 1) * num_valid.astype(jnp.float32), 1.0),
   }
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 

@@ -248,7 +248,7 @@ def ring_filip_loss(image_tokens, text_tokens, text_mask, logit_scale, *, image_
     return common.global_sum(local_sum, axis_name) / count
 
   own = common.shard_offset(b, axis_name) + jnp.arange(b)
-  num_neg = global_b * (global_b - 1)
+  num_neg = float(global_b) * (global_b - 1)  # float: B² overflows int32
   metrics = {
       "i2t_acc": mean(jnp.sum(best_text == own), global_b),
       "t2i_acc": mean(jnp.sum(best_image == own), global_b),

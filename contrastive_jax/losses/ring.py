@@ -108,8 +108,8 @@ def pair_metrics(xs, y, pos, best_text, best_image, axis_name, logit_bias=0.0):
   own = offset + jnp.arange(b)
   pos_sum = total(jnp.sum(pos))
   all_sum = (jnp.dot(total(jnp.sum(xs, axis=0)), total(jnp.sum(y, axis=0)))
-             + global_b * global_b * logit_bias)
-  num_neg = global_b * (global_b - 1)
+             + float(global_b) * global_b * logit_bias)
+  num_neg = float(global_b) * (global_b - 1)  # float: B² overflows int32
   metrics = {
       "i2t_acc": total(jnp.sum(best_text == own)) / global_b,
       "t2i_acc": total(jnp.sum(best_image == own)) / global_b,

@@ -79,7 +79,7 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, axis_name=None)
   pos = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
   hit_i2t = (jnp.argmax(logits, axis=1) == labels).astype(jnp.float32)
   hit_t2i = (jnp.argmax(logits_t2i, axis=1) == labels).astype(jnp.float32)
-  num_neg = global_b * (global_b - 1)
+  num_neg = float(global_b) * (global_b - 1)  # float: B² overflows int32
   metrics = {
       "i2t_acc": mean(jnp.sum(hit_i2t), global_b),
       "t2i_acc": mean(jnp.sum(hit_t2i), global_b),

@@ -79,7 +79,7 @@ def nt_xent_loss(z1, z2, temperature=0.1, *, axis_name=None):
   hit = (jnp.argmax(logits, axis=1) == positives).astype(jnp.float32)
   valid = logits > _MASKED / 2
   neg_sum = jnp.sum(jnp.where(valid, logits, 0.0)) - jnp.sum(pos)
-  num_neg = two_b * (two_b - 2)
+  num_neg = float(two_b) * (two_b - 2)  # float: B² overflows int32
   metrics = {
       "acc": common.global_sum(jnp.sum(hit), axis_name) / two_b,
       "pos_logit": common.global_sum(jnp.sum(pos), axis_name) / two_b,
