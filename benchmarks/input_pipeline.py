@@ -242,6 +242,29 @@ def run_input_wait(num_images: int, steps: int, size: str, batch: int, image_siz
           "pipeline_alone_images_per_s": pipeline_rate}
 
 
+GOAL_IMAGES_PER_S_PER_CORE = 1000.0  # decode + random resized crop to 224 px, one core
+GOAL_WAIT_FRACTION = 0.05
+
+
+def run(quick: bool = False, *, workdir: str | None = None) -> dict:
+  """The training decode path's images/s per core and the input-wait fraction of a training
+  run, as one JSON-serialisable dict (the entry of ``benchmarks/run.py``)."""
+  tf.config.set_visible_devices([], "GPU")
+  decode = run_decode(32 if quick else 256, 224, 0.5 if quick else 8.0, ("decode_crop",),
+                      1 if quick else 2)
+  one_core = next(r for r in decode["rows"] if r["threads"] == 1)
+  with tempfile.TemporaryDirectory() as tmp:
+    wait = run_input_wait(32 if quick else 256, 6 if quick else 40, "tiny" if quick else "cpu",
+                          16 if quick else 64, 32 if quick else 64, workdir or tmp,
+                          alone_seconds=0.5 if quick else 8.0)
+  return {"decode": decode, "input_wait": wait,
+          "images_per_s_per_core": one_core["images_per_s"],
+          "goal_images_per_s_per_core": GOAL_IMAGES_PER_S_PER_CORE,
+          "wait_fraction": wait["wait_fraction"], "goal_wait_fraction": GOAL_WAIT_FRACTION,
+          "met": (one_core["images_per_s"] >= GOAL_IMAGES_PER_S_PER_CORE
+                  and wait["wait_fraction"] <= GOAL_WAIT_FRACTION)}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--num_images", type=int, default=512)

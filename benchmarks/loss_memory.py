@@ -1,18 +1,21 @@
 """Per-device temporary memory of ``value_and_grad`` of a loss, lean vs global-view reference.
 
-Reads the compiled program's memory analysis (deterministic, no timing) for each global batch
-on a mesh of simulated devices and prints markdown tables: CLIP and SigLIP over the batch
-(inputs ``[B, D]``), FILIP over the batch (token inputs ``[B, T_img, D]``, ``[B, T_txt, D]``
-and a text mask), each with the log-log slope in the batch, and every loss at a fixed batch
-over the device count (compiled on the first ``W`` devices).
+Reads the compiled program's memory analysis (deterministic, no timing) on a mesh of
+simulated devices, for every loss with a memory-lean ring form: CLIP, SigLIP, NT-Xent and
+DCL (inputs ``[B, D]``), DreamLIP's multi-positive term (``[B, 4, D]`` texts) and FILIP
+(tokens ``[B, T_img, D]``, ``[B, T_txt, D]`` and a text mask). Two tables: memory over the
+global batch on ``--devices`` devices with the log-log slope (goal for the lean form: ≤ 1.05),
+and memory at the largest batch over the device count, compiled on the first ``W`` devices
+(goal: slope ≤ −0.9). ``benchmarks/run.py`` runs it as its ``loss_memory`` part.
 
-  python benchmarks/loss_memory.py --devices 8 --batches 2048,4096,8192 --dim 256 \\
-      --filip_batches 512,1024,2048 --image_tokens 16 --text_tokens 8 --device_counts 2,4,8
+  python benchmarks/loss_memory.py                  # the full sizes (FULL below)
+  python benchmarks/loss_memory.py --batches 1024,2048 --device_counts 2,8 --dim 128
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -25,64 +28,86 @@ def _mib(n):
   return f"{n / 2**20:.2f}"
 
 
+GOAL_BATCH_SLOPE = 1.05  # lean form, log-log slope of memory in the global batch
+GOAL_DEVICE_SLOPE = -0.9  # lean form, log-log slope of memory in the device count
+
+QUICK = dict(batches=(256, 512), dim=32, block_size=16, filip_batches=(32, 64),
+             image_tokens=4, text_tokens=4, filip_block_size=4, device_counts=(1, 2, 4, 8))
+FULL = dict(batches=(2048, 4096, 8192), dim=256, block_size=64, filip_batches=(512, 1024, 2048),
+            image_tokens=16, text_tokens=8, filip_block_size=16, device_counts=(1, 2, 4, 8))
+
+
+def run(quick: bool = False, *, devices: int = 8, **overrides) -> dict:
+  """Both tables for every loss with a lean form, as a JSON-serialisable dict:
+  ``{"settings", "batch": {loss: {rows, slope_reference, slope_lean, met}},
+  "devices": {loss: {global_batch, rows, slope_reference, slope_lean, met}}}`` with rows of
+  ``[B or W, reference_bytes, lean_bytes]`` per device (multi-positive: 4 texts per image).
+  Needs ``max(device_counts)`` devices."""
+  from contrastive_jax.losses import memory_profile
+  settings = dict(QUICK if quick else FULL, **overrides)
+  tokens = dict(image_tokens=settings["image_tokens"], text_tokens=settings["text_tokens"])
+  out = {"settings": dict(settings, devices=devices), "batch": {}, "devices": {}}
+  for name in (memory_profile.LOSSES + memory_profile.MULTI_POSITIVE_LOSSES
+               + memory_profile.TOKEN_LOSSES):
+    token = name in memory_profile.TOKEN_LOSSES
+    batches = settings["filip_batches" if token else "batches"]
+    block = settings["filip_block_size" if token else "block_size"]
+    rows = memory_profile.memory_table(name, batches, settings["dim"], devices, block, **tokens)
+    ref, lean = memory_profile.loglog_slopes(rows)
+    out["batch"][name] = {"rows": [list(map(int, r)) for r in rows], "slope_reference": ref,
+                          "slope_lean": lean, "met": lean <= GOAL_BATCH_SLOPE}
+    rows = memory_profile.device_table(name, max(batches), settings["device_counts"],
+                                       settings["dim"], block, **tokens)
+    ref, lean = memory_profile.loglog_slopes(rows)
+    out["devices"][name] = {"global_batch": max(batches),
+                            "rows": [list(map(int, r)) for r in rows], "slope_reference": ref,
+                            "slope_lean": lean, "met": lean <= GOAL_DEVICE_SLOPE}
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true", help="the small sizes of run.py --quick")
   parser.add_argument("--devices", type=int, default=8)
-  parser.add_argument("--batches", default="2048,4096,8192",
-                      help="CLIP/SigLIP global batches (empty: skip them)")
-  parser.add_argument("--dim", type=int, default=256)
-  parser.add_argument("--block_size", type=int, default=64)
-  parser.add_argument("--filip_batches", default="512,1024,2048",
-                      help="FILIP global batches (empty: skip it)")
-  parser.add_argument("--image_tokens", type=int, default=16, help="FILIP tokens per image")
-  parser.add_argument("--text_tokens", type=int, default=8, help="FILIP tokens per text")
-  parser.add_argument("--filip_block_size", type=int, default=16,
+  parser.add_argument("--batches", default=None, help="embedding losses' global batches")
+  parser.add_argument("--dim", type=int, default=None)
+  parser.add_argument("--block_size", type=int, default=None)
+  parser.add_argument("--filip_batches", default=None, help="token losses' global batches")
+  parser.add_argument("--image_tokens", type=int, default=None, help="FILIP tokens per image")
+  parser.add_argument("--text_tokens", type=int, default=None, help="FILIP tokens per text")
+  parser.add_argument("--filip_block_size", type=int, default=None,
                       help="FILIP ring row block (live tensor block x b x T_img x T_txt)")
-  parser.add_argument("--device_counts", default="2,4,8",
-                      help="device counts of the fixed-batch table (empty: skip it); the batch "
-                           "is the largest of --batches / --filip_batches")
+  parser.add_argument("--device_counts", default=None,
+                      help="device counts of the fixed-batch table (at the largest batch)")
+  parser.add_argument("--output", default=None, help="JSON file")
   args = parser.parse_args(argv)
-  counts = _ints(args.device_counts)
-  total = max([args.devices] + counts)
-  flag = f"--xla_force_host_platform_device_count={total}"
+  overrides = {k: (_ints(v) if k in ("batches", "filip_batches", "device_counts") else v)
+               for k, v in vars(args).items()
+               if v is not None and k not in ("quick", "devices", "output")}
+  counts = overrides.get("device_counts", (QUICK if args.quick else FULL)["device_counts"])
+  flag = f"--xla_force_host_platform_device_count={max([args.devices] + list(counts))}"
   if "jax" not in sys.modules and flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-  from contrastive_jax.losses import memory_profile  # imports jax after the flag is set
-  batches, filip_batches = _ints(args.batches), _ints(args.filip_batches)
-  tokens = dict(image_tokens=args.image_tokens, text_tokens=args.text_tokens)
-  blocks = {name: args.block_size for name in memory_profile.LOSSES}
-  blocks.update({name: args.filip_block_size for name in memory_profile.TOKEN_LOSSES})
-
-  print(f"value_and_grad, {args.devices} devices, D={args.dim}, block {args.block_size} "
-        f"(FILIP: {args.image_tokens} image / {args.text_tokens} text tokens, block "
-        f"{args.filip_block_size}): per-device temp MiB")
+  result = run(args.quick, devices=args.devices, **overrides)
+  print(f"value_and_grad, per-device temp MiB; settings {result['settings']}")
   print("| loss | global batch | reference | ring (lean) |")
   print("|---|---|---|---|")
-  for name in memory_profile.LOSSES + memory_profile.TOKEN_LOSSES:
-    loss_batches = filip_batches if name in memory_profile.TOKEN_LOSSES else batches
-    if not loss_batches:  # an empty batch list skips that family
-      continue
-    rows = memory_profile.memory_table(name, loss_batches, args.dim, args.devices,
-                                       blocks[name], **tokens)
-    for b, ref, lean in rows:
+  for name, entry in result["batch"].items():
+    for b, ref, lean in entry["rows"]:
       print(f"| {name} | {b} | {_mib(ref)} | {_mib(lean)} |")
-    if len(rows) > 1:
-      ref_slope, lean_slope = memory_profile.loglog_slopes(rows)
-      print(f"| {name} | log-log slope | {ref_slope:.2f} | {lean_slope:.2f} |")
-
-  if counts:
-    print()
-    print(f"per-device temp MiB vs device count at a fixed global batch (D={args.dim})")
-    print("| loss | global batch | devices | reference | ring (lean) |")
-    print("|---|---|---|---|---|")
-    for name in memory_profile.LOSSES + memory_profile.TOKEN_LOSSES:
-      loss_batches = filip_batches if name in memory_profile.TOKEN_LOSSES else batches
-      if not loss_batches:
-        continue
-      batch = max(loss_batches)
-      rows = memory_profile.device_table(name, batch, counts, args.dim, blocks[name], **tokens)
-      for w, ref, lean in rows:
-        print(f"| {name} | {batch} | {w} | {_mib(ref)} | {_mib(lean)} |")
+    print(f"| {name} | log-log slope | {entry['slope_reference']:.2f} | "
+          f"{entry['slope_lean']:.2f} |")
+  print()
+  print("| loss | global batch | devices | reference | ring (lean) |")
+  print("|---|---|---|---|---|")
+  for name, entry in result["devices"].items():
+    for w, ref, lean in entry["rows"]:
+      print(f"| {name} | {entry['global_batch']} | {w} | {_mib(ref)} | {_mib(lean)} |")
+    print(f"| {name} | {entry['global_batch']} | log-log slope | "
+          f"{entry['slope_reference']:.2f} | {entry['slope_lean']:.2f} |")
+  if args.output:
+    with open(args.output, "w") as f:
+      json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

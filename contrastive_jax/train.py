@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from typing import Dict, Optional
 
 from absl import app, flags, logging
@@ -186,7 +187,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       if batch is None:
         batch, bookkeeping = records.pop_bookkeeping(next(batches))
+      started = time.perf_counter()
       state, metrics = step_fn(state, batch)
+      if step == start_step + 1:  # compilation + one step: big_vision's secs/update0
+        jax.block_until_ready(metrics)
+        first_step_s = time.perf_counter() - started
+        logging.info("First step (compilation included): %.1f s.", first_step_s)
+        writer.write_scalars(step, {"first_step_s": first_step_s})
       batch, data_state = None, records.host_state(bookkeeping) or data_state
     if pending is not None:  # checked one step late so the host never stalls the device
       _check_finite(*pending)
