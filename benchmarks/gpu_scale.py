@@ -277,14 +277,15 @@ def run(quick: bool = False, *, per_device_batch: Optional[int] = None,
   batches ×4 per try up to 2 × 262,144 (``factor=2`` doubles). Quick mode: the ``tiny`` CLIP
   in float32, per-device batch 8, 3 timed steps, batches ×2 up to max(64, 4 × the first).
   ``batches`` overrides the schedule (its first, the MFU batch, reuses the MFU step);
-  ``block_size``: the ring loss's row block (default: the per-device batch).
+  ``block_size``: the ring loss's row block (default: min(per-device batch, 256); the live
+  logits are ``block × B`` floats, 256 MiB at B = 262,144).
   """
   t_start = time.perf_counter()
   devices = jax.local_devices()[:num_devices]
   n, kind = len(devices), devices[0].device_kind
   per_device_batch = per_device_batch or (8 if quick else 256)
   steps, warmup = steps or (3 if quick else 20), 1 if quick else 3
-  block_size = block_size or per_device_batch
+  block_size = block_size or min(per_device_batch, 256)
   config = make_config(quick, per_device_batch, n, block_size)
   vocab, embed = VOCAB[config.tokenizer.name], config.model.embed_dim
   mesh = parallel.make_mesh(-1, devices)
