@@ -74,7 +74,8 @@ def clip(arg, *, data: dict, evaluators: dict,
   c.loss = dict(block_size=config_dict.placeholder(int))
   c.optimizer = dict(learning_rate=lr, warmup_steps=warmup, end_factor=0.0, b1=0.9, b2=0.98,
                      eps=1e-6, weight_decay=0.2 if arg.size == "b16" else 0.1,
-                     grad_clip_norm=1.0, logit_scale_max=math.log(100.0))
+                     grad_clip_norm=1.0, logit_scale_max=math.log(100.0),
+                     skip_nonfinite=False, max_consecutive_nonfinite=10)
   # mode: 'jit' (the model partitioned by the compiler, the loss in shard_map) or 'pmap';
   # fsdp_axis_size: devices sharing each parameter's shards (1: replicated);
   # accum_steps: micro-batches per step, negatives kept global (GradCache).

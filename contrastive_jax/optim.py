@@ -6,7 +6,10 @@ logit-scale projection, unit-norm rows (SwAV prototypes) and leaves frozen for t
 ``eps``; LARS / SGD: ``momentum`` (0.9), LARS ``trust_coefficient`` (1e-3); ``unit_norm``: names
 of leaves (last path key) whose rows are projected to unit L2 norm after every update;
 ``freeze``: ``{name: steps}``, leaves whose path contains ``name`` get zero gradient and zero
-update for the first ``steps`` updates.
+update for the first ``steps`` updates. ``skip_nonfinite`` (False): wrap everything in
+``optax.apply_if_finite`` so a step with a non-finite gradient (or loss, see
+:func:`train_state.train_step`) changes nothing but its counters, up to
+``max_consecutive_nonfinite`` (10) such steps in a row.
 """
 
 from __future__ import annotations
@@ -139,7 +142,11 @@ def make_optimizer(
     opt_config, total_steps: int,
     logit_scale_max: Optional[float] = LOGIT_SCALE_MAX) -> optax.GradientTransformation:
   """``clip_by_global_norm -> adamw | lars | sgd -> logit-scale projection -> [unit-norm rows]``
-  (see the module docstring for the config fields).
+  (see the module docstring for the config fields), inside ``optax.apply_if_finite`` when
+  ``skip_nonfinite``: a skipped step runs none of the chain (zero update; schedule counts,
+  moments and freeze counters unchanged) and increments ``notfinite_count`` (in a row) and
+  ``total_notfinite``; after more than ``max_consecutive_nonfinite`` in a row optax applies
+  the update again (the trainer stops before that).
 
   A frozen leaf gets its own copy of the optimizer that is skipped entirely (zero update,
   state untouched: no momentum, Adam moments or weight decay, as the reference sets its
@@ -168,4 +175,7 @@ def make_optimizer(
     parts.append(optax.masked(unit_norm_rows(), lambda p, n=name: _path_contains(p, n)))
   parts.extend(optax.masked(frozen_for(steps), lambda p, n=name: _path_contains(p, n))
                for name, steps in freeze.items())
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  if opt_config.get("skip_nonfinite", False):
+    tx = optax.apply_if_finite(tx, int(opt_config.get("max_consecutive_nonfinite", 10)))
+  return tx

@@ -115,17 +115,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
-  """Refuses a global batch that does not split evenly over devices and hosts."""
-  devices = mesh.devices.size
-  if global_batch_size % devices:
-    raise ValueError(
-        f"Global batch size {global_batch_size} does not divide by the {devices} devices of "
-        f"the data axis; choose a multiple of {devices} (config.batch_size).")
-  if global_batch_size % jax.process_count():
-    raise ValueError(
-        f"Global batch size {global_batch_size} does not divide by the "
-        f"{jax.process_count()} processes.")
+def check_batch_size(global_batch_size: int, mesh: Mesh, *, key: str = "config.batch_size",
+                     accum_steps: int = 1) -> None:
+  """Refuses a global batch (config ``key``) that does not split evenly over the mesh's
+  devices, the hosts and ``accum_steps`` micro-batches
+  (:func:`contrastive_jax.config_check.check_batch_size`; raises its ``ConfigError``, a
+  ValueError)."""
+  from contrastive_jax import config_check  # it imports this module
+  config_check.check_batch_size(global_batch_size, num_devices=mesh.devices.size,
+                                num_processes=jax.process_count(), accum_steps=accum_steps,
+                                key=key)
 
 
 def local_batch_size(global_batch_size: int) -> int:

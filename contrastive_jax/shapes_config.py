@@ -49,7 +49,8 @@ def image_text(arg=None, *, objective: str) -> ml_collections.ConfigDict:
 
   c.optimizer = dict(learning_rate=3e-3, warmup_steps=5 if tiny else 100, end_factor=0.0,
                      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, grad_clip_norm=1.0,
-                     logit_scale_max=math.log(100.0))
+                     logit_scale_max=math.log(100.0),
+                     skip_nonfinite=False, max_consecutive_nonfinite=10)
 
   # mode: 'jit' (the model partitioned by the compiler, the loss in shard_map) or 'pmap';
   # fsdp_axis_size: devices sharing each parameter's shards (1: replicated);

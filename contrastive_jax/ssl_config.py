@@ -113,7 +113,7 @@ def image_only(arg=None, *, objective: str, dataset: str) -> ml_collections.Conf
 
   c.optimizer = dict(name="adamw", learning_rate=2e-3, warmup_steps=5 if tiny else 100,
                      end_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
-                     grad_clip_norm=0.0)
+                     grad_clip_norm=0.0, skip_nonfinite=False, max_consecutive_nonfinite=10)
 
   _method(c, objective, dataset, tiny)
   # mode: 'jit' (shard_map) or 'pmap'. FSDP and GradCache need image-text objectives split

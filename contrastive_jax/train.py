@@ -4,6 +4,11 @@ config -> tokenizer, objective, mesh, optimizer -> train state (fresh, or the ne
 checkpoint in the workdir) -> loop: per-host batch -> mapped train step -> metrics, progress,
 checkpoints, periodic evaluation. Re-running the same command resumes where it stopped.
 
+Faults: a SIGTERM checkpoints the current step and exits with status 75
+(:mod:`contrastive_jax.preemption`); a non-finite loss, gradient norm or parameter norm stops
+the run (:class:`NonFiniteLossError`) without checkpointing it, unless
+``config.optimizer.skip_nonfinite`` skips such steps (counted in ``train/skipped_nonfinite``).
+
 Multi-host: every process runs the same command; ``--distributed`` (default ``auto``) joins
 them with ``jax.distributed`` (:func:`parallel.initialize_distributed`); each host feeds its
 own rows, process 0 writes the metrics and config, orbax writes checkpoints from all hosts.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from typing import Dict, Optional
 
@@ -24,13 +30,14 @@ import numpy as np
 from clu import parameter_overview, periodic_actions
 from ml_collections import config_flags
 
-from contrastive_jax import (checkpointing, evaluate, optim, parallel, partitioning, train_state,
-                             writers)
+from contrastive_jax import (checkpointing, config_check, evaluate, optim, parallel,
+                             partitioning, preemption, train_state, writers)
 from contrastive_jax.data import pipeline, records, tokenizers
 from contrastive_jax.objectives import base as objective_base, make_objective
 
 class NonFiniteLossError(FloatingPointError):
-  """Training stopped on a non-finite loss."""
+  """Training stopped on a non-finite loss, gradient or parameter norm (or too many skipped
+  steps in a row with ``config.optimizer.skip_nonfinite``)."""
 
 
 def build(config):
@@ -116,21 +123,59 @@ def _data_scalars(host_state) -> Dict[str, float]:
           for name, n in totals.items()}
 
 
+_COUNTERS = ("skipped_nonfinite", "nonfinite_consecutive")  # written as their last value
+_CHECKED = ("loss", "grad_norm", "param_norm")
+
+
 def _mean_metrics(history) -> Dict[str, float]:
+  """Means over the steps of ``history`` (steps skipped as non-finite left out) and the last
+  value of the skip counters."""
   stacked = jax.device_get(history)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  kept = [m for m in stacked if not m.get("nonfinite_consecutive", 0)]
+  means = {k: float(np.mean([m[k] for m in kept])) for k in stacked[0]
+           if k not in _COUNTERS and kept}
+  return {**means, **{k: float(stacked[-1][k]) for k in _COUNTERS if k in stacked[-1]}}
 
 
-def _check_finite(metrics, step: int) -> None:
-  loss = float(jax.device_get(metrics["loss"]))
-  if not np.isfinite(loss):
-    shown = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    raise NonFiniteLossError(f"Non-finite loss at step {step}: {shown}. No checkpoint was "
-                             "written for it; the last good one is kept.")
+def _check_finite(metrics, step: int, max_consecutive: int = 0) -> None:
+  """Raises NonFiniteLossError naming ``step`` and the non-finite ones among ``loss``,
+  ``grad_norm`` and ``param_norm``. A step the optimizer skipped (``skip_nonfinite``) only
+  logs a warning, until more than ``max_consecutive`` in a row."""
+  checked = {k: float(v) for k, v in jax.device_get(
+      {k: metrics[k] for k in _CHECKED + _COUNTERS if k in metrics}).items()}
+  bad = [k for k in _CHECKED if k in checked and not np.isfinite(checked[k])]
+  in_a_row = int(checked.get("nonfinite_consecutive", 0))
+  if not bad and not in_a_row:
+    return
+  if in_a_row and in_a_row <= max_consecutive and "param_norm" not in bad:
+    logging.warning("Non-finite %s at step %d: update skipped (%d in a row, %d in all; "
+                    "config.optimizer.max_consecutive_nonfinite=%d).", ", ".join(bad) or "loss",
+                    step, in_a_row, int(checked["skipped_nonfinite"]), max_consecutive)
+    return
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  why = (f"{in_a_row} non-finite steps in a row (more than config.optimizer."
+         f"max_consecutive_nonfinite={max_consecutive}); " if in_a_row else "")
+  raise NonFiniteLossError(
+      f"Non-finite {', '.join(bad) or 'loss'} at step {step}: {why}metrics {values}. No "
+      "checkpoint was written for it; the last good one is kept.")
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
-  """Trains (resuming if the workdir has a checkpoint) and returns the final eval metrics."""
+  """Trains (resuming if the workdir has a checkpoint) and returns the final eval metrics.
+
+  Raises:
+    preemption.Preempted: a SIGTERM arrived (JAX's preemption notice with several
+      processes); the step it stopped at is checkpointed and the writes are finished.
+    NonFiniteLossError: a non-finite step (see :func:`_check_finite`); the newest checkpoint
+      is the last good one.
+  """
+  config_check.validate(config)  # before anything is built or compiled
+  config_check.check_resume(config, workdir)
+  with preemption.Watcher(sync_every=config.log_every_steps) as watcher:
+    return _train_and_evaluate(config, workdir, watcher)
+
+
+def _train_and_evaluate(config, workdir: str, watcher: preemption.Watcher) -> Dict[str, float]:
   tokenizer, objective, mesh, optimizer = build(config)
   mngr = checkpointing.manager(workdir, keep=config.checkpoint.keep,
                                async_save=config.checkpoint.get("async_save", True))
@@ -146,6 +191,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   shardings, _ = state_shardings(config, objective, optimizer, first, mesh)
   state = initial_state(config, objective, optimizer, first, mesh, shardings)
   if start_step:
+    config_check.check_checkpoint_arrays(str(mngr.directory), start_step, state)
     state, meta = checkpointing.restore(mngr, state, start_step)
     logging.info("Resumed from step %d (data position %s).", start_step, meta["data_position"])
   else:  # statistics need every value on this host
@@ -181,49 +227,73 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
 
   periodic_eval = periodic_actions.PeriodicCallback(
       every_steps=config.eval.get("every_steps") or None, on_steps=[total], callback_fn=run_eval)
-  history, pending, results = [], None, {}
+  max_nonfinite = (config.optimizer.get("max_consecutive_nonfinite", 10)
+                   if config.optimizer.get("skip_nonfinite", False) else 0)
+  history, pending, results, saved = [], None, {}, None
   batch, skipped_so_far = first, None
-  for step in range(start_step + 1, total + 1):
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      if batch is None:
-        batch, bookkeeping = records.pop_bookkeeping(next(batches))
-      started = time.perf_counter()
-      state, metrics = step_fn(state, batch)
-      if step == start_step + 1:  # compilation + one step: big_vision's secs/update0
-        jax.block_until_ready(metrics)
-        first_step_s = time.perf_counter() - started
-        logging.info("First step (compilation included): %.1f s.", first_step_s)
-        writer.write_scalars(step, {"first_step_s": first_step_s})
-      batch, data_state = None, records.host_state(bookkeeping) or data_state
-    if pending is not None:  # checked one step late so the host never stalls the device
-      _check_finite(*pending)
-    pending = (metrics, step)
-    history.append(metrics)
-    progress(step)
-    if step % config.log_every_steps == 0 or step == total:
-      _check_finite(*pending)
-      data_scalars = _data_scalars(data_state)
-      skipped = sum(v for k, v in data_scalars.items() if k.startswith("data/skipped_"))
-      if skipped_so_far is not None and skipped > skipped_so_far:
-        logging.warning("Bad input records skipped so far: %s", data_scalars)
-      skipped_so_far = skipped
-      writer.write_scalars(step, {**{f"train/{k}": v for k, v in _mean_metrics(history).items()},
-                                  **data_scalars})
-      history = []
-    if step % config.checkpoint.every_steps == 0 or step == total:
-      _check_finite(*pending)
-      position = {"step": step}
-      if data_state is not None:  # stream sources: every host's next record and counters
-        position["hosts"] = _gather_hosts(data_state)
-      checkpointing.save(mngr, state, {"step": step, "data_position": position,
-                                       "config": config.to_json_best_effort()})
-    if periodic_eval(step):
-      results = periodic_eval.get_last_callback_result()
-  if start_step >= total:
-    logging.info("Nothing to train: checkpoint at step %d ≥ total_steps.", start_step)
-    results = run_eval(start_step)
-  mngr.wait_until_finished()
-  writer.flush()
+
+  def check_pending():  # each step's metrics are checked once, before anything relies on them
+    nonlocal pending
+    if pending is not None:
+      _check_finite(*pending, max_consecutive=max_nonfinite)
+      pending = None
+
+  def save(step):  # only after check_pending(): no checkpoint of a non-finite state
+    nonlocal saved
+    position = {"step": step}
+    if data_state is not None:  # stream sources: every host's next record and counters
+      position["hosts"] = _gather_hosts(data_state)
+    checkpointing.save(mngr, state, {"step": step, "data_position": position,
+                                     "config": config.to_json_best_effort()})
+    saved = step
+
+  try:
+    for step in range(start_step + 1, total + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        if batch is None:
+          batch, bookkeeping = records.pop_bookkeeping(next(batches))
+        started = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        if step == start_step + 1:  # compilation + one step: big_vision's secs/update0
+          jax.block_until_ready(metrics)
+          first_step_s = time.perf_counter() - started
+          logging.info("First step (compilation included): %.1f s.", first_step_s)
+          writer.write_scalars(step, {"first_step_s": first_step_s})
+        batch, data_state = None, records.host_state(bookkeeping) or data_state
+      check_pending()  # the previous step: checked one step late, the device never waits
+      pending = (metrics, step)
+      history.append(metrics)
+      progress(step)
+      if step % config.log_every_steps == 0 or step == total:
+        check_pending()
+        data_scalars = _data_scalars(data_state)
+        skipped = sum(v for k, v in data_scalars.items() if k.startswith("data/skipped_"))
+        if skipped_so_far is not None and skipped > skipped_so_far:
+          logging.warning("Bad input records skipped so far: %s", data_scalars)
+        skipped_so_far = skipped
+        writer.write_scalars(step, {**{f"train/{k}": v
+                                       for k, v in _mean_metrics(history).items()},
+                                    **data_scalars})
+        history = []
+      if step % config.checkpoint.every_steps == 0 or step == total:
+        check_pending()
+        save(step)
+      if watcher.should_stop(step):  # every process, every step
+        check_pending()
+        if saved != step:
+          save(step)
+        mngr.wait_until_finished()
+        logging.warning("Preempted at step %d; checkpoint written; exit status %d.", step,
+                        preemption.EXIT_PREEMPTED)
+        raise preemption.Preempted(step)
+      if periodic_eval(step):
+        results = periodic_eval.get_last_callback_result()
+    if start_step >= total:
+      logging.info("Nothing to train: checkpoint at step %d ≥ total_steps.", start_step)
+      results = run_eval(start_step)
+  finally:  # any exit leaves the newest checkpoint complete, never half written
+    mngr.wait_until_finished()
+    writer.flush()
   return results
 
 
@@ -265,12 +335,15 @@ def main():
                                     heartbeat_timeout_s=heartbeat_flag.value)
     writers.quiet_library_logs()
     os.makedirs(workdir_flag.value, exist_ok=True)
-    results = train_and_evaluate(config_flag.value, workdir_flag.value)
+    try:
+      results = train_and_evaluate(config_flag.value, workdir_flag.value)
+    except preemption.Preempted:  # logged; the checkpoint is written
+      sys.exit(preemption.EXIT_PREEMPTED)
     if jax.process_index() == 0:
       print(json.dumps(results, indent=2, sort_keys=True))
 
   jax.config.config_with_absl()
-  app.run(run)
+  app.run(run, flags_parser=config_check.parse_flags)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,24 @@ def create(objective, optimizer: optax.GradientTransformation, batch, seed: int)
 
 
 def _finish(state: TrainState, loss, metrics, objective_state, grads, optimizer):
+  """Applies the update and adds ``loss``, ``grad_norm``, ``param_norm`` to the metrics.
+
+  With ``optimizer.skip_nonfinite`` (an ``optax.apply_if_finite`` state), a non-finite loss
+  makes the gradients non-finite too, so that optax skips the step; a skipped step keeps the
+  parameters and the objective state bit for bit (only ``step`` and optax's counters move)
+  and the metrics gain ``skipped_nonfinite`` (total) and ``nonfinite_consecutive``.
+  """
+  guarded = isinstance(state.opt_state, optax.ApplyIfFiniteState)
+  if guarded:
+    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if guarded:
+    keep = lambda new, old: jnp.where(opt_state.last_finite, new, old)
+    params = jax.tree.map(keep, params, state.params)
+    objective_state = jax.tree.map(keep, objective_state, state.objective_state)
+    metrics = dict(metrics, skipped_nonfinite=opt_state.total_notfinite,
+                   nonfinite_consecutive=opt_state.notfinite_count)
   metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                  param_norm=optax.global_norm(params))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

@@ -267,7 +267,7 @@ if os.environ.get('FAKE_FAIL_PROCID') == pid:
          < int(os.environ['SLURM_NTASKS'])
          and time.time() < deadline):
     time.sleep(0.01)
-  sys.exit(3)
+  sys.exit(int(os.environ.get('FAKE_FAIL_STATUS', '3')))
 time.sleep(float(os.environ.get('FAKE_SLEEP', '0')))
 """
 SLURM_ARGS = ["--config", "X", "--workdir", "dir with space"]
@@ -279,6 +279,9 @@ def _sbatch(tmp_path, **env_overrides):
   srun = bin_dir / "srun"
   srun.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {FAKE_SRUN} "$@"\n')
   srun.chmod(0o755)
+  scontrol = bin_dir / "scontrol"  # records its arguments
+  scontrol.write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(tmp_path / "scontrol.log"))}\n')
+  scontrol.chmod(0o755)
   python = _fake_bin(tmp_path, "fake_python", FAKE_PYTHON)
   records = tmp_path / "records"
   records.mkdir(exist_ok=True)
@@ -334,6 +337,18 @@ def test_slurm_failing_task_fails_the_job(tmp_path):
   assert len(tasks) == 4
   assert elapsed < 30  # --kill-on-bad-exit ended the sleeping tasks
   assert "srun exited with status 3" in result.stdout
+
+
+def test_slurm_preempted_job_requeues_itself(tmp_path):
+  """Exit status 75 (the trainer was preempted and wrote its checkpoint) requeues the job."""
+  result, _, _, _ = _sbatch(tmp_path, SLURM_GPUS_ON_NODE="1", FAKE_FAIL_PROCID="0",
+                            FAKE_FAIL_STATUS="75")
+  assert result.returncode == 75, result.stderr
+  assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4321"]
+  other = tmp_path / "other"
+  other.mkdir()
+  result, _, _, _ = _sbatch(other, SLURM_GPUS_ON_NODE="1", FAKE_FAIL_PROCID="0")
+  assert result.returncode == 3 and not (other / "scontrol.log").exists()
 
 
 def test_slurm_bad_mode(tmp_path):

@@ -191,6 +191,28 @@ def training_features(data_config: Mapping[str, Any], tokenizer: Optional[Tokeni
   return fn
 
 
+def provided_batch_keys(data_config: Mapping[str, Any], *, has_tokenizer: bool) -> tuple:
+  """The batch keys :func:`train_dataset` yields for ``config.data`` (bookkeeping keys left
+  out), from the config alone: :func:`training_features`' keys, without building tf.data.
+  Text keys need a tokenizer and a captioned source; each ``config.data.views`` group that is
+  present adds its keys (``ssl`` -> ``views`` (+ ``view_boxes``), ``multicrop`` -> ``crops``,
+  ``local`` -> ``local_views``, ``text`` -> ``text_aug`` / ``text_aug_mask``)."""
+  keys = ["image", "label", "index"]
+  if has_tokenizer and not is_image_only(data_config):
+    keys += ["text", "text_mask"]
+  if data_config.get("subcaptions"):
+    keys += ["subcaptions", "subcaption_mask"]
+  views = data_config.get("views") or {}
+  ssl = views.get("ssl") if views else None
+  if ssl is not None:
+    keys += ["views"] + (["view_boxes"] if ssl.get("boxes") else [])
+  for group, added in (("multicrop", ["crops"]), ("local", ["local_views"]),
+                       ("text", ["text_aug", "text_aug_mask"])):
+    if views and views.get(group) is not None:
+      keys += added
+  return tuple(keys)
+
+
 def _shapes_kwargs(data_config: Mapping[str, Any]) -> dict:
   return dict(seed=data_config.get("seed", 0), image_size=data_config.image_size,
               min_objects=data_config.min_objects, max_objects=data_config.max_objects)

@@ -59,7 +59,7 @@ def embed_batches(encode: Callable, variables, batches: Iterable[Mapping[str, np
   axis, and the valid rows are gathered back to numpy. Batch ``i + 1`` is dispatched before
   batch ``i``'s embeddings are fetched, so the host's copies overlap the devices' work.
   """
-  parallel.check_batch_size(batch_size, mesh)
+  parallel.check_batch_size(batch_size, mesh, key="config.eval.batch_size")
   outs, pending = [], None
 
   def collect(out, n):

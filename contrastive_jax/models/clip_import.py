@@ -38,6 +38,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import struct
+import zipfile
+import zlib
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -92,13 +96,24 @@ class _Reader:
     return self.sd[name].shape
 
   def take(self, name: str, shape: Tuple[int, ...]) -> np.ndarray:
+    """The tensor ``name`` as float32 ``shape``, validated: the shape the model expects, a
+    floating dtype (float16 / bfloat16 / float32 / float64), finite values."""
     found = self.shape(name)
     if name in self.used:
       raise ValueError(f"Tensor {name!r} is used twice.")
     if found != tuple(shape) and not (shape == () and found == (1,)):
       raise ValueError(f"Tensor {name!r} has shape {found}; expected {tuple(shape)}.")
+    value = self.sd[name]
+    if value.dtype.kind != "f":
+      raise ValueError(f"Tensor {name!r} has dtype {value.dtype}; expected a float tensor "
+                       "(float16, bfloat16, float32 or float64).")
+    out = value.astype(np.float32).reshape(shape)
+    if not np.isfinite(out).all():
+      raise ValueError(f"Tensor {name!r} has {int(np.size(out) - np.isfinite(out).sum())} "
+                       "non-finite value(s) (NaN or Inf, or beyond float32); the weights are "
+                       "corrupt.")
     self.used.add(name)
-    return self.sd[name].astype(np.float32).reshape(shape)
+    return out
 
   def layer_norm(self, name: str, width: int) -> Params:
     return dict(scale=self.take(f"{name}.weight", (width,)),
@@ -282,6 +297,30 @@ def _open_clip_cfg(path: str) -> Optional[Dict[str, Any]]:
     return json.load(f).get("model_cfg")
 
 
+def read_weights(path: str) -> Dict[str, np.ndarray]:
+  """:func:`torch_state.load_state_dict`, with every failure naming ``path``.
+
+  Raises:
+    FileNotFoundError: no such file.
+    pickle.UnpicklingError: ``data.pkl`` references a global outside the allow-list (or is
+      not a tensor pickle).
+    ValueError: a truncated or corrupt file (bad zip, CRC mismatch, truncated pickle or
+      storage, bad safetensors header) or an unsupported format.
+  """
+  try:
+    return torch_state.load_state_dict(path)
+  except pickle.UnpicklingError as e:
+    if path in str(e):
+      raise
+    raise pickle.UnpicklingError(f"{path}: {e}") from e
+  except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, IndexError, TypeError,
+          AttributeError, struct.error, UnicodeDecodeError) as e:
+    if isinstance(e, ValueError) and path in str(e):
+      raise
+    raise ValueError(f"{path}: not a readable weight file, truncated or corrupt "
+                     f"({type(e).__name__}: {e}); download or export it again.") from e
+
+
 def load(path: str, *, activation: Optional[str] = None, image_heads: Optional[int] = None,
          text_heads: Optional[int] = None) -> Tuple[Dict[str, Any], Params]:
   """Reads a CLIP ViT weight file (see :mod:`torch_state`) and :func:`convert` s it.
@@ -291,7 +330,7 @@ def load(path: str, *, activation: Optional[str] = None, image_heads: Optional[i
   for OpenAI's TorchScript files to QuickGELU and ``width // 64``. For any other file without
   that json, ``activation`` must be given (the weights cannot tell QuickGELU from GELU).
   """
-  state_dict = torch_state.load_state_dict(path)
+  state_dict = read_weights(path)
   cfg = _open_clip_cfg(path)
   if cfg is not None:
     if activation is None:
