@@ -2,7 +2,7 @@
 
   python benchmarks/run.py            # full sizes (about 15 min on a 2-core CPU)
   python benchmarks/run.py --quick    # small sizes, every code path (about 3 min)
-  python benchmarks/run.py --parts loss_memory,step_overhead
+  python benchmarks/run.py --parts loss_memory,step_overhead   # re-runs two parts, keeps the rest
 
 Each part runs in its own Python subprocess with the environment it needs (8 simulated CPU
 devices for the loss-memory and step-overhead parts, this machine's own devices for the
@@ -113,6 +113,10 @@ def main(argv=None) -> int:
   output_dir = args.output_dir or (
       "/tmp/contrastive_jax_benchmarks_quick" if args.quick else HERE)
   results = {}
+  saved = os.path.join(output_dir, "results", "run.json")
+  if set(parts) != set(PARTS) and os.path.exists(saved):  # a subset updates the last report
+    with open(saved) as f:
+      results = {k: v for k, v in json.load(f).items() if k in PARTS}
   for name in parts:
     print(f"[{name}] {PARTS[name][2]} ...", flush=True)
     results[name] = run_part(name, args.quick, args.timeout_s)

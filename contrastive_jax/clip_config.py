@@ -71,7 +71,7 @@ def clip(arg, *, data: dict, evaluators: dict,
       image=dict(patch_size=patch, width=width, depth=depth, num_heads=heads, pool="cls"),
       text=dict(width=text_width, depth=text_depth, num_heads=text_heads),
   )
-  c.loss = dict(block_size=config_dict.placeholder(int))
+  c.loss = dict(block_size=config_dict.placeholder(int), ring="auto")  # objectives.base.use_ring
   c.optimizer = dict(learning_rate=lr, warmup_steps=warmup, end_factor=0.0, b1=0.9, b2=0.98,
                      eps=1e-6, weight_decay=0.2 if arg.size == "b16" else 0.1,
                      grad_clip_norm=1.0, logit_scale_max=math.log(100.0),

@@ -45,7 +45,7 @@ def image_text(arg=None, *, objective: str) -> ml_collections.ConfigDict:
   )
 
   # Rows of local images scored at once by the ring losses (None: the whole local batch).
-  c.loss = dict(block_size=config_dict.placeholder(int))
+  c.loss = dict(block_size=config_dict.placeholder(int), ring="auto")  # objectives.base.use_ring
 
   c.optimizer = dict(learning_rate=3e-3, warmup_steps=5 if tiny else 100, end_factor=0.0,
                      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, grad_clip_norm=1.0,

@@ -75,3 +75,26 @@ def test_siglip_starts_at_the_papers_scale_and_bias_and_is_not_clamped():
   updates, _ = optimizer.update(jax.tree.map(np.zeros_like, params), optimizer.init(params),
                                 params)
   assert float(params["logit_scale"] + updates["logit_scale"]) == 6.0
+
+
+def test_ring_or_global_view_is_chosen_from_the_logits_size():
+  import jax
+  import jax.numpy as jnp
+  from conftest import tiny_config
+  from contrastive_jax.objectives import base
+  from jax.sharding import PartitionSpec as P
+  mesh = parallel.make_mesh(8)
+
+  def chosen(setting, block, rows_per_device):
+    def f(x):
+      return jnp.asarray(base.use_ring(setting, block, x.shape[0], "data"), jnp.int32)
+    x = jnp.zeros((8 * rows_per_device, 1))
+    return bool(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P())(x))
+
+  # b · B = b² · 8 logits per device against the 2²² threshold: b = 724 is below, 725 above.
+  assert not chosen("auto", None, 16) and not chosen("auto", None, 724)
+  assert chosen("auto", None, 725) and chosen("auto", 4, 16)
+  assert chosen("always", None, 16) and not chosen("never", 4, 1024)
+  assert base.use_ring("auto", None, 2048, None) and not base.use_ring("auto", None, 2047, None)
+  with pytest.raises(ValueError, match="config.loss.ring='sometimes'"):
+    base.ring_setting(tiny_config(**{"loss.ring": "sometimes"}))

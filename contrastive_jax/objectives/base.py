@@ -24,6 +24,7 @@ Adding a method means adding one module here and one entry in ``OBJECTIVES``.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from contrastive_jax.models import TwoTower
@@ -82,3 +83,30 @@ def clip_two_tower(config, tokenizer) -> TwoTower:
   return two_tower_from_config(
       config.model, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
       logit_scale_init=config.model.get("logit_scale_init", TwoTower.logit_scale_init))
+
+
+# ``config.loss.ring`` of the embedding-level image-text objectives (CLIP, ConVIRT, SigLIP):
+# "auto" trains with the ring form once the global view's per-device logits ``[b, B]`` reach
+# RING_AUTO_MIN_LOGITS floats (or when ``loss.block_size`` is set), and with the global view
+# below: its one all-gather costs less than the ring's W steps of collectives and its logits
+# are small (benchmarks/step_overhead.py: +2 % vs +15-20 % at B = 128 on 8 devices). Both
+# forms give the same values and gradients. "always" / "never" force one.
+RING_SETTINGS = ("auto", "always", "never")
+RING_AUTO_MIN_LOGITS = 2**22  # 16 MiB of float32 logits per device
+
+
+def ring_setting(config) -> str:
+  setting = config.loss.get("ring", "auto") if "loss" in config else "auto"
+  if setting not in RING_SETTINGS:
+    raise ValueError(f"config.loss.ring={setting!r}; expected one of {RING_SETTINGS}.")
+  return setting
+
+
+def use_ring(setting: str, block_size, local_rows: int, axis_name) -> bool:
+  """Whether the loss on ``local_rows`` rows per device over ``axis_name`` uses its ring form
+  (static: decided at trace time from the shapes)."""
+  if setting != "auto":
+    return setting == "always"
+  devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  return block_size is not None or local_rows * local_rows * devices >= RING_AUTO_MIN_LOGITS
+

@@ -7,15 +7,23 @@ from contrastive_jax.objectives import base
 
 
 class Clip(base.Split):
-  """Image-text contrastive pretraining with CLIP's loss in its memory-lean ring form
-  (:func:`contrastive_jax.losses.ring_clip_loss`, equal to ``clip_loss``); the local rows are
-  scored ``config.loss.block_size`` at a time (absent or None: all at once)."""
+  """Image-text contrastive pretraining with CLIP's loss: the memory-lean ring form
+  (:func:`contrastive_jax.losses.ring_clip_loss`, equal to ``clip_loss``) for large batches,
+  the global view for small ones (``config.loss.ring``, see :func:`base.use_ring`); the ring
+  scores the local rows ``config.loss.block_size`` at a time (absent or None: all at once)."""
 
   batch_keys = ("image", "text", "text_mask")
 
   def __init__(self, config, tokenizer):
     self.model = base.clip_two_tower(config, tokenizer)
     self.block_size = config.loss.get("block_size") if "loss" in config else None
+    self.ring = base.ring_setting(config)
+
+  def _clip_loss(self, x, y, scale, axis_name, **kwargs):
+    if base.use_ring(self.ring, self.block_size, x.shape[0], axis_name):
+      return losses.ring_clip_loss(x, y, scale, block_size=self.block_size,
+                                   axis_name=axis_name, **kwargs)
+    return losses.clip_loss(x, y, scale, axis_name=axis_name, **kwargs)
 
   def init(self, rng, batch):
     variables = self.model.init(rng, batch["image"], batch["text"], batch["text_mask"])
@@ -28,8 +36,8 @@ class Clip(base.Split):
 
   def contrast(self, out, state, rng, *, axis_name=None):
     del rng  # no stochastic terms
-    loss, metrics = losses.ring_clip_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
-                                          block_size=self.block_size, axis_name=axis_name)
+    loss, metrics = self._clip_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
+                                    axis_name)
     metrics["logit_scale"] = out["logit_scale"]
     return loss, (metrics, state)
 
@@ -46,7 +54,6 @@ class Convirt(Clip):
 
   def contrast(self, out, state, rng, *, axis_name=None):
     del rng
-    loss, metrics = losses.ring_clip_loss(out["image_emb"], out["text_emb"],
-                                          1.0 / self.temperature, i2t_weight=self.i2t_weight,
-                                          block_size=self.block_size, axis_name=axis_name)
+    loss, metrics = self._clip_loss(out["image_emb"], out["text_emb"], 1.0 / self.temperature,
+                                    axis_name, i2t_weight=self.i2t_weight)
     return loss, (metrics, state)

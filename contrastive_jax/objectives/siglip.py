@@ -13,8 +13,9 @@ SIGLIP_LOGIT_BIAS_INIT = -10.0
 
 
 class Siglip(Clip):
-  """Image-text pretraining with SigLIP's loss in its memory-lean ring form
-  (:func:`contrastive_jax.losses.ring_siglip_loss`, equal to ``siglip_loss``).
+  """Image-text pretraining with SigLIP's loss, in its memory-lean ring form
+  (:func:`contrastive_jax.losses.ring_siglip_loss`, equal to ``siglip_loss``) for large
+  batches and the global view for small ones (``config.loss.ring``, :func:`base.use_ring`).
 
   The model's scale parameter starts at ``config.model.logit_scale_init`` (ln 10) and its
   bias at ``config.model.logit_bias_init`` (−10), the paper's initialisation.
@@ -26,6 +27,7 @@ class Siglip(Clip):
         logit_scale_init=config.model.get("logit_scale_init", SIGLIP_LOGIT_SCALE_INIT),
         logit_bias_init=config.model.get("logit_bias_init", SIGLIP_LOGIT_BIAS_INIT))
     self.block_size = config.loss.get("block_size") if "loss" in config else None
+    self.ring = base.ring_setting(config)
 
   def embed(self, params, state, batch):
     del state
@@ -34,9 +36,12 @@ class Siglip(Clip):
 
   def contrast(self, out, state, rng, *, axis_name=None):
     del rng  # no stochastic terms
-    loss, metrics = losses.ring_siglip_loss(
-        out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"],
-        block_size=self.block_size, axis_name=axis_name)
+    args = (out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"])
+    if base.use_ring(self.ring, self.block_size, args[0].shape[0], axis_name):
+      loss, metrics = losses.ring_siglip_loss(*args, block_size=self.block_size,
+                                              axis_name=axis_name)
+    else:
+      loss, metrics = losses.siglip_loss(*args, axis_name=axis_name)
     metrics["logit_scale"] = out["logit_scale"]
     metrics["logit_bias"] = out["logit_bias"]
     return loss, (metrics, state)
