@@ -43,7 +43,7 @@ def test_killed_interrupted_and_preempted_runs_resume_exactly(tiny_run, tmp_path
   # The compilation cache saves the runs after the first one their compile time.
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jit"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  logs = [tmp_path / f"run{i}.log" for i in range(1, 5)]
+  logs = [tmp_path / f"run{i}.log" for i in range(1, 6)]
 
   def start(i, **extra):
     with open(logs[i - 1], "w") as log:
@@ -82,10 +82,23 @@ def test_killed_interrupted_and_preempted_runs_resume_exactly(tiny_run, tmp_path
   assert 30 <= stopped < TINY_STEPS and _complete_steps(workdir)[-1] == stopped
   assert not os.path.exists(interrupted)
 
-  # 4. Resumes from the preemption checkpoint and finishes like the uninterrupted run.
+  # 4. Resumes from the preemption checkpoint; SIGKILL between checkpoints once step 50 is
+  # logged (the third kill point: a step that is neither a checkpoint nor a log boundary of
+  # the previous runs).
+  seen = len(writers.read_jsonl(metrics_path))
   proc = start(4)
-  assert proc.wait(timeout=600) == 0, logs[3].read_text()[-3000:]
+  _wait(lambda: any(r["step"] >= 50 and "train/loss" in r
+                    for r in writers.read_jsonl(metrics_path)[seen:]), proc, "step 50")
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
   assert f"Resumed from step {stopped} " in logs[3].read_text()
+  last = _complete_steps(workdir)[-1]
+  assert stopped <= last < TINY_STEPS
+
+  # 5. Resumes from the newest complete checkpoint and finishes like the uninterrupted run.
+  proc = start(5)
+  assert proc.wait(timeout=600) == 0, logs[4].read_text()[-3000:]
+  assert f"Resumed from step {last} " in logs[4].read_text()
   assert _complete_steps(workdir)[-1] == TINY_STEPS
   # The whole state: parameters, optimizer moments, objective state, RNG, step.
   final, reference = (_restore(config, d, TINY_STEPS) for d in (workdir, reference_dir))

@@ -258,7 +258,9 @@ def test_first_episode_and_zero_proto_weight_equal_clip(setup):  # §1.4 sanity 
   for fn, s in ((proto_grad, state), (grad(zero_obj), after)):
     loss, grads = fn(params, s)
     np.testing.assert_allclose(loss, clip_loss, rtol=1e-6)
-    _assert_close(grads["towers"], clip_grads, rtol=1e-5, atol=1e-7)
+    # The ring CLIP loss sums its blocks in another order than the global view: float32
+    # round-off of gradients of magnitude ~60 reaches a few 1e-5 relative.
+    _assert_close(grads["towers"], clip_grads, rtol=1e-4, atol=1e-6)
     for g in jax.tree.leaves(grads["proto"]):
       np.testing.assert_array_equal(g, 0.0)
   # With the prototype term on, the same step differs from CLIP (the term is really there).
