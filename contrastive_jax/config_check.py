@@ -49,6 +49,7 @@ KEY_FIXES = {
     "crops": "config.data.views.multicrop (e.g. dict(num=2, size=16))",
     "local_views": "config.data.views.local (e.g. dict(num=2))",
     "text_aug": "config.data.views.text (e.g. dict(num=2))",
+    "target": "config.data.regression_target (shapes: 'size', 'x' or 'y')",
 }
 KEY_FIXES.update(text_mask=KEY_FIXES["text"], subcaption_mask=KEY_FIXES["subcaptions"],
                  text_aug_mask=KEY_FIXES["text_aug"])
@@ -57,7 +58,8 @@ KEY_FIXES.update(text_mask=KEY_FIXES["text"], subcaption_mask=KEY_FIXES["subcapt
 # and ``model`` (except the leaves in NON_SHAPE_MODEL_KEYS and initial values ``*_init``).
 SHAPE_KEYS = ("data.image_size", "data.num_examples", "loss.num_prototypes", "loss.queue_size",
               "loss.num_examples", "loss.num_clusters", "loss.proj_dim", "loss.episode_size",
-              "loss.teacher", "loss.teacher_clusters", "optimizer.name")
+              "loss.teacher", "loss.teacher_clusters", "loss.bank_size", "loss.memory_size",
+              "loss.num_classes", "loss.max_subclasses", "optimizer.name")
 NON_SHAPE_MODEL_KEYS = ("dtype", "remat", "batch_norm")
 
 

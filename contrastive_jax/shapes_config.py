@@ -58,6 +58,8 @@ def image_text(arg=None, *, objective: str) -> ml_collections.ConfigDict:
   c.parallel = dict(mode="jit", data_axis_size=-1, fsdp_axis_size=1, accum_steps=1)
   c.checkpoint = dict(every_steps=20 if tiny else 250, keep=3, async_save=True)
   c.log_every_steps = 10 if tiny else 50
+  # metrics.geometry: log uniformity / alignment while training (objectives.base).
+  c.metrics = dict(geometry=False)
 
   test_examples = 256 if tiny else 4096
   evaluators = dict(

@@ -23,7 +23,9 @@ NUM_EXAMPLES = {"fashion_mnist": 60000, "shapes": 4096}  # shapes: a finite trai
 # size=cpu steps: SimCLR (21 min) and SwAV fit in 30 minutes on 2 cores with their evaluations
 # (benchmarks/ssl_fashion_mnist.py); the others are scaled by their step cost, not measured.
 CPU_STEPS = {"simclr": 4500, "dcl": 4500, "isogclr": 4500, "swav": 1800, "mochi": 3500,
-             "pixpro": 3000}
+             "pixpro": 3000,
+             "mlcd": 4000, "beclr": 3000, "sbcl": 4500,
+             "groco": 4500, "cacr": 2400}  # cacr: 4 views a step
 
 
 def _method(c, objective: str, dataset: str, tiny: bool) -> None:
@@ -51,6 +53,10 @@ def _method(c, objective: str, dataset: str, tiny: bool) -> None:
                 momentum_schedule="constant", num_hard=8 if tiny else 128,
                 num_mix=4 if tiny else 64, num_query_mix=2 if tiny else 32,
                 mix_start=0 if tiny else 200)
+  elif objective == "ft":  # MoCo-v2 + Feature Transformation (reference's published command)
+    loss.update(temperature=0.2, queue_size=64 if tiny else 4096, momentum=0.99,
+                momentum_schedule="constant", alpha_pos=2.0, alpha_neg=1.6, extrapolate=True,
+                per_dim=False, renormalize=False)
   elif objective == "pixpro":
     c.data.views.ssl.boxes = True
     dim = c.model.projector.dim
@@ -61,6 +67,49 @@ def _method(c, objective: str, dataset: str, tiny: bool) -> None:
     c.data.num_examples = NUM_EXAMPLES[dataset]
     loss.update(num_examples=NUM_EXAMPLES[dataset], tau_init=0.1, gamma=0.8, rho=6.0,
                 eta=0.03, beta_u=0.9, tau_min=0.05, tau_max=1.0)
+  elif objective == "groco":  # tiny: a steeper sort, so 4 smoke-test steps move the loss
+    loss.update(num_negatives=10, steepness=10.0 if tiny else 1.0, dist="cauchy",
+                stop_gradient=True)
+  elif objective == "cacr":  # the reference has 5 views (4 positives per query)
+    c.data.views.ssl.num = 3 if tiny else 4
+    loss.update(alpha=1.0, beta=1.0, t_pos=1.0, t_neg=0.9, stop_gradient_weights=True)
+  elif objective == "mlcd":  # clusters of the model's own features (see objectives/mlcd.py)
+    loss.update(num_classes=8 if tiny else 64, num_positive=2 if tiny else 4,
+                scale=16.0 if tiny else 32.0, margin=0.0 if tiny else 0.1, negative_ratio=1.0,
+                shard_classes=True, bank_size=16 if tiny else 4096,
+                cluster_steps=2 if tiny else 200, kmeans_iterations=5 if tiny else 20)
+  elif objective == "beclr":  # 3-layer projector, bottleneck predictor (dim -> dim/4 -> dim)
+    dim = c.model.projector.dim
+    c.model.projector.update(layers=3, last_norm=True)
+    c.model.predictor = dict(hidden=dim // 4, dim=dim, layers=2, norm="batch")
+    loss.update(neg_weight=0.1, temperature=2.0, momentum=0.99 if tiny else 0.995,
+                momentum_schedule="cosine", topk=2 if tiny else 5,
+                num_clusters=4 if tiny else 64, memory_size=64 if tiny else 2560,
+                memory_start=2 if tiny else 300, epsilon=0.05, sinkhorn_iterations=10,
+                centroid_momentum=0.0, kmeans_iterations=5 if tiny else 20, recluster_steps=0)
+  elif objective == "sbcl":  # needs labels: single-object scenes only
+    if dataset == "shapes":
+      c.data.min_objects = c.data.max_objects = 1
+    loss.update(num_classes=64 if dataset == "shapes" else 10, max_subclasses=4 if tiny else 8,
+                subclass_size=config_dict.placeholder(int) if tiny else 16, temperature=0.1,
+                class_temperature=0.12, class_weight=0.2, subclass_weight=1.0,
+                bank_size=16 if tiny else 4096, cluster_steps=2 if tiny else 300,
+                kmeans_iterations=5 if tiny else 10)
+  elif objective == "hydra":  # needs labels: single-object scenes only
+    if dataset == "shapes":
+      c.data.min_objects = c.data.max_objects = 1
+    dim = c.model.projector.dim
+    c.model.gate = dict(num_classes=64 if dataset == "shapes" else 10, embed_dim=dim,
+                        hidden=2 * dim, logit_scale_init=2.302585)  # θ₀ = ln(1/0.1)
+    loss.update(partner_mode="arbitrary")
+  elif objective == "supremix":  # regression of the object's box area: full-image views
+    if dataset != "shapes":
+      raise ValueError("supremix needs a regression target: dataset='shapes' only.")
+    c.data.min_objects = c.data.max_objects = 1
+    c.data.regression_target = "size"  # or "x" / "y": the box centre
+    c.data.views.ssl.update(scale=(1.0, 1.0), ratio=(1.0, 1.0))  # crops would change it
+    loss.update(temperature=0.1, tolerance=0.0, hard_negatives=True, hard_positives=True,
+                negative_mix=0.5, distance_power=1.0, count_offset=1.0)
   else:
     raise ValueError(f"image-only config objective={objective!r} has no settings.")
 
@@ -121,10 +170,12 @@ def image_only(arg=None, *, objective: str, dataset: str) -> ml_collections.Conf
   c.parallel = dict(mode="jit", data_axis_size=-1, fsdp_axis_size=1, accum_steps=1)
   c.checkpoint = dict(every_steps=20 if tiny else 500, keep=3, async_save=True)
   c.log_every_steps = 10 if tiny else 50
+  # metrics.geometry: log uniformity / alignment while training (objectives.base).
+  c.metrics = dict(geometry=False)
 
   c.eval = dict(
       every_steps=0 if tiny else 1500,  # 0: only at the end
-      batch_size=64 if tiny else 500,
+      batch_size=64 if tiny else 512,  # divisible by 8 devices (config_check)
       evaluators=dict(
           knn=dict(kind="knn", dataset=dataset, train_split="train", test_split="test",
                    num_train=256 if tiny else (4096 if dataset == "shapes" else

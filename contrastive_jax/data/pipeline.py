@@ -51,6 +51,8 @@ key                  shape / dtype                meaning
 ``crops``            float32 ``[B, N, s, s, 3]``  SwAV: ``N`` small multi-crop views
 ``view_boxes``       float32 ``[B, V, 4]``        crop box of each ``views`` entry, ``(x0, y0,
                                                   x1, y1)`` in ``[0, 1]``; ``x0 > x1``: flipped
+``target``           float32 ``[B]``              shapes, ``config.data.regression_target``:
+                                                  ``shapes.regression_target`` (-1: undefined)
 ===================  ===========================  =============================================
 
 Objectives that need more than one view of an example ask for it in ``config.data``; each
@@ -71,8 +73,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from contrastive_jax.data import (augment, fashion_mnist, image_ops, records, shapes, streams,
-                                  subcaptions, tfds_source)
+from contrastive_jax.data import (augment, fashion_mnist, image_ops, inflation, records, shapes,
+                                  streams, subcaptions, tfds_source)
 from contrastive_jax.data import shards as shards_lib
 from contrastive_jax.data.tokenizers import Tokenizer
 
@@ -91,6 +93,7 @@ BATCH_SPEC = {
     "text_aug_mask": (3, "b"),
     "crops": (5, "f"),
     "view_boxes": (3, "f"),
+    "target": (1, "f"),
 }
 SOURCES = ("shapes", "fashion_mnist", "shards", "tfds")
 # Sources read as record streams (positions, bad-record counters; see records.py).
@@ -167,6 +170,15 @@ def extra_feature_fns(data_config: Mapping[str, Any], tokenizer: Optional[Tokeni
   if data_config.get("views"):
     fns.append(augment.view_features(tokenizer, seed=data_config.get("seed", 0),
                                      **data_config.views))
+  kind = data_config.get("regression_target")
+  if kind:
+    if source != "shapes":
+      raise ValueError(f"config.data.regression_target={kind!r} needs the shapes source (its "
+                       f"object boxes); config.data.source={source!r}.")
+    if kind not in shapes.REGRESSION_TARGETS:
+      raise ValueError(f"config.data.regression_target={kind!r}; expected one of "
+                       f"{shapes.REGRESSION_TARGETS}.")
+    fns.append(lambda example: {"target": shapes.regression_target(example, kind)})
   return fns
 
 
@@ -210,6 +222,8 @@ def provided_batch_keys(data_config: Mapping[str, Any], *, has_tokenizer: bool) 
                        ("text", ["text_aug", "text_aug_mask"])):
     if views and views.get(group) is not None:
       keys += added
+  if data_config.get("regression_target"):
+    keys.append("target")
   return tuple(keys)
 
 
@@ -265,6 +279,8 @@ def _fashion_train_fn(data_config: Mapping[str, Any]):
 
 
 def _shapes_train_fn(data_config: Mapping[str, Any]):
+  if data_config.get("inflation"):  # AdaInf: finite real scenes among "generated" ones
+    return inflation.example_fn(data_config)
   scene = shapes.example_fn("train", **_shapes_kwargs(data_config))
   n = data_config.get("num_examples")
   if n is None:

@@ -41,8 +41,8 @@ import tensorflow as tf
 
 __all__ = [
     "CLASS_NAMES", "COLOURS", "COLOUR_RGB", "MAX_OBJECTS", "POSITIONS",
-    "POSITION_PHRASES", "PROMPT_TEMPLATES", "SHAPES", "SIZES", "SPLITS",
-    "TEST_SIZE", "dataset", "example_fn", "make_example",
+    "POSITION_PHRASES", "PROMPT_TEMPLATES", "REGRESSION_TARGETS", "SHAPES", "SIZES", "SPLITS",
+    "TEST_SIZE", "dataset", "example_fn", "make_example", "regression_target",
 ]
 
 COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "orange", "white")
@@ -86,6 +86,7 @@ PROMPT_TEMPLATES = (
 )
 MAX_OBJECTS = 4
 TEST_SIZE = 4096
+REGRESSION_TARGETS = ("size", "x", "y")
 SPLITS = ("train", "test")
 
 # Random stream per split: the second word of the base stateless seed.
@@ -311,6 +312,22 @@ def _generate(index: tf.Tensor, seed: int, split: str, image_size: int,
         "label": label,
         "index": index,
     }
+
+
+def regression_target(example: dict, kind: str) -> tf.Tensor:
+    """A continuous target of a scene (``config.data.regression_target``), float32 [].
+
+    ``kind`` is one of ``REGRESSION_TARGETS``: ``"size"`` the object's box area as a fraction
+    of the image, ``"x"`` / ``"y"`` its box centre in ``[0, 1]`` (left to right, top to
+    bottom). Defined for single-object scenes only; -1 for the others (like ``label``).
+    """
+    if kind not in REGRESSION_TARGETS:
+        raise ValueError(f"config.data.regression_target={kind!r}; expected one of "
+                         f"{REGRESSION_TARGETS}.")
+    ymin, xmin, ymax, xmax = tf.unstack(tf.cast(example["boxes"][0], tf.float32))
+    value = {"size": lambda: (ymax - ymin) * (xmax - xmin), "x": lambda: (xmin + xmax) / 2.0,
+             "y": lambda: (ymin + ymax) / 2.0}[kind]()
+    return tf.where(tf.equal(example["num_objects"], 1), value, -1.0)
 
 
 def _mapper(split, seed, image_size, min_objects, max_objects):

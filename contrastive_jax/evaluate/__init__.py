@@ -10,6 +10,8 @@ image-only ones (``knn``, ``linear_probe``) embed the images of a labelled train
 ``num_test``) with ``encode_image`` and classify the test features: ``knn`` with ``k`` and
 ``temperature``, ``linear_probe`` with ``l2`` and ``steps`` (L-BFGS). Their ``dataset`` is the
 training data's source (``config.data.source``), read with ``config.data``'s settings.
+``geometry`` reports uniformity, alignment and tolerance of the eval embeddings
+(:mod:`contrastive_jax.evaluate.geometry`).
 
 On the stream sources (``shards``, ``tfds``), ``retrieval`` reads the evaluator's ``shards``
 glob or TFDS ``split`` (first ``num_examples`` records); with ``num_captions`` every caption
@@ -24,8 +26,9 @@ import numpy as np
 
 from contrastive_jax.data import pipeline, shapes
 from contrastive_jax.evaluate import embedding, knn, linear_probe, retrieval, zeroshot
+from contrastive_jax.evaluate import geometry
 
-KINDS = ("zeroshot", "retrieval", "knn", "linear_probe")
+KINDS = ("zeroshot", "retrieval", "knn", "linear_probe", "geometry")
 IMAGE_TEXT_DATASETS = ("shapes",)
 jitted_encoders = embedding.jitted_encoders
 # dataset name -> (class names, prompt templates) for zero-shot classification.
@@ -92,7 +95,9 @@ def run_evaluators(config, encoders, variables, tokenizer, mesh) -> Dict[str, fl
   for name, ev in config.eval.evaluators.items():
     if ev.kind not in KINDS:
       raise ValueError(f"config.eval.evaluators.{name}.kind={ev.kind!r}; expected one of {KINDS}.")
-    if ev.kind in ("knn", "linear_probe"):
+    if ev.kind == "geometry":  # uniformity / alignment / tolerance, see evaluate.geometry
+      out = geometry.evaluate(name, ev, config, encoders, variables, tokenizer, mesh)
+    elif ev.kind in ("knn", "linear_probe"):
       out = _image_only(name, ev, config, encoders, variables, mesh, cache)
     elif ev.kind == "retrieval" and ev.dataset in pipeline.STREAM_SOURCES:
       out = retrieval.evaluate(encoders, variables, _stream_retrieval_data(name, ev, config,

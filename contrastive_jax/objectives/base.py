@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from contrastive_jax.losses import geometry
 from contrastive_jax.models import TwoTower
 
 def eval_variables(objective, params, objective_state):
@@ -53,6 +54,21 @@ class Split:
 
 def is_split(objective) -> bool:
   return isinstance(objective, Split)
+
+
+def geometry_enabled(config) -> bool:
+  """``config.metrics.geometry`` (default False): log ``uniformity`` / ``alignment``."""
+  metrics = config.get("metrics")
+  return bool(metrics is not None and metrics.get("geometry", False))
+
+
+def add_geometry_metrics(metrics: dict, x, y, *, axis_name=None) -> dict:
+  """Adds the training metrics ``uniformity`` (of ``x [b, D]``) and ``alignment`` (of ``x``
+  with its positives ``y [b, D]``), global over ``axis_name`` and without gradient
+  (:func:`contrastive_jax.losses.geometry.geometry_metrics`); the one place every objective
+  gets them from when ``config.metrics.geometry`` is set."""
+  metrics.update(geometry.geometry_metrics(x, y, axis_name=axis_name))
+  return metrics
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -18,6 +18,7 @@ class Clip(base.Split):
     self.model = base.clip_two_tower(config, tokenizer)
     self.block_size = config.loss.get("block_size") if "loss" in config else None
     self.ring = base.ring_setting(config)
+    self.geometry = base.geometry_enabled(config)
 
   def _clip_loss(self, x, y, scale, axis_name, **kwargs):
     if base.use_ring(self.ring, self.block_size, x.shape[0], axis_name):
@@ -39,7 +40,15 @@ class Clip(base.Split):
     loss, metrics = self._clip_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
                                     axis_name)
     metrics["logit_scale"] = out["logit_scale"]
-    return loss, (metrics, state)
+    return loss, (self._geometry(metrics, out, axis_name), state)
+
+  def _geometry(self, metrics, out, axis_name):
+    """With ``config.metrics.geometry``: ``uniformity`` of the image embeddings and their
+    ``alignment`` with the captions' (:func:`base.add_geometry_metrics`)."""
+    if not self.geometry:
+      return metrics
+    return base.add_geometry_metrics(metrics, out["image_emb"], out["text_emb"],
+                                     axis_name=axis_name)
 
 
 class Convirt(Clip):
@@ -56,4 +65,4 @@ class Convirt(Clip):
     del rng
     loss, metrics = self._clip_loss(out["image_emb"], out["text_emb"], 1.0 / self.temperature,
                                     axis_name, i2t_weight=self.i2t_weight)
-    return loss, (metrics, state)
+    return loss, (self._geometry(metrics, out, axis_name), state)

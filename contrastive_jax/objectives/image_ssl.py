@@ -18,6 +18,7 @@ Momentum (EMA) encoders for MoCo / PixPro are explicit state as well
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, Hashable, Optional
 
@@ -28,7 +29,8 @@ import optax
 
 from contrastive_jax.models import MLPHead
 from contrastive_jax.models.backbones import make_backbone
-from contrastive_jax.objectives.base import dtype_from_config
+from contrastive_jax.objectives.base import (add_geometry_metrics, dtype_from_config,
+                                             geometry_enabled)
 
 BATCH_NORMS = ("global", "device")
 
@@ -107,7 +109,26 @@ class ImageObjective:
 
   Subclasses set ``batch_keys`` and write ``loss``; ``self.forward`` runs the model in
   training mode and threads the running statistics.
+
+  With ``config.metrics.geometry`` every subclass's ``loss`` also logs ``uniformity`` and
+  ``alignment`` of the two views' projections (:meth:`geometry_metrics`; one extra
+  gradient-free training-mode forward of the two views).
   """
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    loss = cls.__dict__.get("loss")
+    if loss is None:
+      return
+
+    @functools.wraps(loss)
+    def wrapped(self, params, state, batch, rng, *, axis_name=None):
+      value, (metrics, new_state) = loss(self, params, state, batch, rng, axis_name=axis_name)
+      if self.geometry and type(self).loss is wrapped:  # outermost override only
+        metrics = self.geometry_metrics(params, state, batch, metrics, axis_name=axis_name)
+      return value, (metrics, new_state)
+
+    cls.loss = wrapped
 
   batch_keys = ("views",)
   num_prototypes = 0
@@ -119,6 +140,7 @@ class ImageObjective:
     if bn not in BATCH_NORMS:
       raise ValueError(f"config.model.batch_norm={bn!r}; expected one of {BATCH_NORMS}.")
     self.global_bn = bn == "global"
+    self.geometry = geometry_enabled(config)
     self.model = ssl_model_from_config(config, num_prototypes=self.num_prototypes,
                                        dense_projector=self.dense_projector)
 
@@ -143,6 +165,19 @@ class ImageObjective:
     out, mutated = self.model.apply({"params": params, "batch_stats": batch_stats}, images,
                                     train=True, axis_name=bn_axis, mutable=["batch_stats"])
     return out, mutated.get("batch_stats", {})
+
+  def geometry_metrics(self, params, state, batch, metrics, *, axis_name=None):
+    """Adds ``uniformity`` of the first view's projections and their ``alignment`` with the
+    second view's to ``metrics`` (gradient-free; dense projections are averaged over
+    positions)."""
+    views = batch["views"]
+    if views.shape[1] < 2:
+      return metrics
+    out, _ = self.forward(jax.lax.stop_gradient(params), state["batch_stats"],
+                          flatten_views(views[:, :2]), axis_name=axis_name)
+    z = out["proj"]
+    z = unflatten(z.mean(axis=tuple(range(1, z.ndim - 1))) if z.ndim > 2 else z, 2)
+    return add_geometry_metrics(metrics, z[:, 0], z[:, 1], axis_name=axis_name)
 
   def sync_state(self, batch_stats, axis_name):
     """Per-device BN leaves device-dependent running averages; average them so the

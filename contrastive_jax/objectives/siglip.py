@@ -28,6 +28,7 @@ class Siglip(Clip):
         logit_bias_init=config.model.get("logit_bias_init", SIGLIP_LOGIT_BIAS_INIT))
     self.block_size = config.loss.get("block_size") if "loss" in config else None
     self.ring = base.ring_setting(config)
+    self.geometry = base.geometry_enabled(config)
 
   def embed(self, params, state, batch):
     del state
@@ -44,4 +45,4 @@ class Siglip(Clip):
       loss, metrics = losses.siglip_loss(*args, axis_name=axis_name)
     metrics["logit_scale"] = out["logit_scale"]
     metrics["logit_bias"] = out["logit_bias"]
-    return loss, (metrics, state)
+    return loss, (self._geometry(metrics, out, axis_name), state)

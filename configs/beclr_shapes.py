@@ -1,0 +1,11 @@
+"""BECLR pretraining (student / EMA teacher, DyCE memory) on the embedded shapes images
+(no data needed).
+
+Arguments and shared settings: contrastive_jax/ssl_config.py.
+"""
+
+from contrastive_jax.ssl_config import image_only
+
+
+def get_config(arg=None):
+  return image_only(arg, objective="beclr", dataset="shapes")

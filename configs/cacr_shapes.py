@@ -1,0 +1,11 @@
+"""CACR (contrastive attraction and repulsion; 4 views, 3 at size=tiny) on the embedded shapes
+images (no data needed).
+
+Arguments and shared settings: contrastive_jax/ssl_config.py.
+"""
+
+from contrastive_jax.ssl_config import image_only
+
+
+def get_config(arg=None):
+  return image_only(arg, objective="cacr", dataset="shapes")

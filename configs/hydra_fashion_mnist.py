@@ -1,0 +1,10 @@
+"""Hydra (SimLAP, METHODS.md §2.5; uses the labels) on Fashion-MNIST.
+
+Arguments and shared settings: contrastive_jax/ssl_config.py.
+"""
+
+from contrastive_jax.ssl_config import image_only
+
+
+def get_config(arg=None):
+  return image_only(arg, objective="hydra", dataset="fashion_mnist")
