@@ -196,8 +196,13 @@ def _join_phrases(phrases: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
 
 
 def _generate(index: tf.Tensor, seed: int, split: str, image_size: int,
-              min_objects: int, max_objects: int) -> dict[str, tf.Tensor]:
-    """Builds one example with TF ops; the config must already be validated."""
+              min_objects: int, max_objects: int, with_masks: bool = False
+              ) -> dict[str, tf.Tensor]:
+    """Builds one example with TF ops; the config must already be validated.
+
+    ``with_masks`` adds ``mask`` and ``object_classes`` (see ``make_example``); the ops that
+    build them exist only then, so the default graph (and every other output) is unchanged.
+    """
     size, k_max = image_size, MAX_OBJECTS
     index = tf.cast(index, tf.int64)
     base = tf.constant([seed, _STREAMS[split]], tf.int64)
@@ -299,7 +304,19 @@ def _generate(index: tf.Tensor, seed: int, split: str, image_size: int,
         " The scene has ", tf.gather(tf.constant(_NUM_WORDS), n),
         tf.where(n == 1, " object", " objects"), " on a dark textured background."])
 
+    masks = {}
+    if with_masks:
+        # Object k owns the pixels whose centre lies inside its shape (alpha >= 0.5, i.e.
+        # distance <= 0); objects are disjoint, so the max of the padded windows composites.
+        inside = tf.cast(alpha >= 0.5, tf.int32) * tf.range(1, k_max + 1)[:, None, None]
+        mask = tf.reduce_max(tf.stack([
+            tf.pad(inside[k], [[oy[k], size - win - oy[k]], [ox[k], size - win - ox[k]]])
+            for k in range(k_max)]), axis=0)
+        masks = {"mask": tf.ensure_shape(mask, [size, size]),
+                 "object_classes": pad(colours * len(SHAPES) + shapes)}
+
     return {
+        **masks,
         "image": tf.ensure_shape(image, [size, size, 3]),
         "caption": caption,
         "long_caption": long_caption,
@@ -330,23 +347,25 @@ def regression_target(example: dict, kind: str) -> tf.Tensor:
     return tf.where(tf.equal(example["num_objects"], 1), value, -1.0)
 
 
-def _mapper(split, seed, image_size, min_objects, max_objects):
+def _mapper(split, seed, image_size, min_objects, max_objects, with_masks=False):
     """The map function of a validated config: int64 index -> example dict."""
 
     def fn(index):
-        return _generate(index, seed, split, image_size, min_objects, max_objects)
+        return _generate(index, seed, split, image_size, min_objects, max_objects, with_masks)
 
     return fn
 
 
 def example_fn(split: str = "train", *, seed: int = 0, image_size: int = 64,
-               min_objects: int = 1, max_objects: int = MAX_OBJECTS):
+               min_objects: int = 1, max_objects: int = MAX_OBJECTS, with_masks: bool = False):
     """The map function ``int64 index -> example dict`` for use inside a ``tf.data`` map.
 
     This is what ``dataset`` maps over its indices; pipelines that choose their own
     indices (e.g. one host's rows of every global batch) map it over theirs.
+    ``with_masks``: see ``make_example``.
     """
-    return _mapper(*_validate(split, seed, image_size, min_objects, max_objects))
+    return _mapper(*_validate(split, seed, image_size, min_objects, max_objects),
+                   bool(with_masks))
 
 
 @functools.lru_cache(maxsize=32)
@@ -362,7 +381,8 @@ def _single_example_fn(*config):
 
 
 def make_example(index, *, seed: int = 0, split: str = "train", image_size: int = 64,
-                 min_objects: int = 1, max_objects: int = MAX_OBJECTS) -> dict[str, tf.Tensor]:
+                 min_objects: int = 1, max_objects: int = MAX_OBJECTS,
+                 with_masks: bool = False) -> dict[str, tf.Tensor]:
     """Generates example ``index`` of a split (a pure function of its arguments).
 
     Works eagerly and inside ``tf.function`` (``index`` may be a Python int or
@@ -379,11 +399,15 @@ def make_example(index, *, seed: int = 0, split: str = "train", image_size: int 
         ``SHAPES``, ``SIZES``, ``POSITIONS`` with -1 padding; ``label`` int32 []
         (index into ``CLASS_NAMES`` for single-object scenes, else -1);
         ``index`` int64 [].
+      With ``with_masks=True`` (for evaluating segmentation; every other output is
+      unchanged, bit for bit) also: ``mask`` int32 [S, S], 0 for background and ``k + 1``
+      on the pixels whose centre lies inside object ``k``; ``object_classes`` int32 [K],
+      each object's ``CLASS_NAMES`` index ``colour * len(SHAPES) + shape``, -1 padding.
 
     Raises:
       ValueError: for an unknown split or an invalid seed, size or object count.
     """
-    config = _validate(split, seed, image_size, min_objects, max_objects)
+    config = _validate(split, seed, image_size, min_objects, max_objects) + (bool(with_masks),)
     # Go through the same tf.data map as `dataset`: graph rewrites inside
     # tf.data functions may change float rounding (last bit) relative to eager
     # or tf.function execution, which could flip a pixel by one level.
@@ -392,7 +416,7 @@ def make_example(index, *, seed: int = 0, split: str = "train", image_size: int 
 
 def dataset(split: str, *, seed: int = 0, image_size: int = 64, min_objects: int = 1,
             max_objects: int = MAX_OBJECTS, start_index: int = 0,
-            num_examples: int | None = None) -> tf.data.Dataset:
+            num_examples: int | None = None, with_masks: bool = False) -> tf.data.Dataset:
     """An unbatched ``tf.data.Dataset`` of ``make_example`` dicts, in index order.
 
     ``"train"`` yields indices ``start_index, start_index + 1, ...`` forever
@@ -400,6 +424,7 @@ def dataset(split: str, *, seed: int = 0, image_size: int = 64, min_objects: int
     ``[0, TEST_SIZE)`` of the test stream, which ``start_index`` and
     ``num_examples`` may slice.  Elements are generated with a parallel,
     order-preserving map, so the result does not depend on parallelism.
+    ``with_masks``: see ``make_example``.
     """
     config = _validate(split, seed, image_size, min_objects, max_objects)
     start_index = _as_int("start_index", start_index, 0, 2**62)
@@ -415,5 +440,6 @@ def dataset(split: str, *, seed: int = 0, image_size: int = 64, min_objects: int
         indices = tf.data.Dataset.counter(start_index)
     else:
         indices = tf.data.Dataset.range(start_index, start_index + num_examples)
-    return indices.map(_mapper(*config), num_parallel_calls=tf.data.AUTOTUNE,
+    return indices.map(_mapper(*config, bool(with_masks)), num_parallel_calls=tf.data.AUTOTUNE,
                        deterministic=True)
+

@@ -11,7 +11,10 @@ image-only ones (``knn``, ``linear_probe``) embed the images of a labelled train
 ``temperature``, ``linear_probe`` with ``l2`` and ``steps`` (L-BFGS). Their ``dataset`` is the
 training data's source (``config.data.source``), read with ``config.data``'s settings.
 ``geometry`` reports uniformity, alignment and tolerance of the eval embeddings
-(:mod:`contrastive_jax.evaluate.geometry`).
+(:mod:`contrastive_jax.evaluate.geometry`). On shapes, ``segmentation`` scores dense zero-shot
+segmentation (mIoU of patch-text score maps, ReCo and nearest-prototype variants;
+:mod:`dense`), and ``tfup`` / ``opta`` / ``gcd`` the training-free adaptations of a checkpoint
+(:mod:`tfup`, :mod:`opta`, :mod:`gcd`).
 
 On the stream sources (``shards``, ``tfds``), ``retrieval`` reads the evaluator's ``shards``
 glob or TFDS ``split`` (first ``num_examples`` records); with ``num_captions`` every caption
@@ -25,10 +28,11 @@ from typing import Dict
 import numpy as np
 
 from contrastive_jax.data import pipeline, shapes
-from contrastive_jax.evaluate import embedding, knn, linear_probe, retrieval, zeroshot
-from contrastive_jax.evaluate import geometry
+from contrastive_jax.evaluate import (dense, embedding, gcd, geometry, knn, linear_probe, opta,
+                                      retrieval, tfup, zeroshot)
 
-KINDS = ("zeroshot", "retrieval", "knn", "linear_probe", "geometry")
+KINDS = ("zeroshot", "retrieval", "knn", "linear_probe", "geometry", "segmentation",
+         "tfup", "opta", "gcd")
 IMAGE_TEXT_DATASETS = ("shapes",)
 jitted_encoders = embedding.jitted_encoders
 # dataset name -> (class names, prompt templates) for zero-shot classification.
@@ -95,10 +99,15 @@ def run_evaluators(config, encoders, variables, tokenizer, mesh) -> Dict[str, fl
   for name, ev in config.eval.evaluators.items():
     if ev.kind not in KINDS:
       raise ValueError(f"config.eval.evaluators.{name}.kind={ev.kind!r}; expected one of {KINDS}.")
-    if ev.kind == "geometry":  # uniformity / alignment / tolerance, see evaluate.geometry
+    if ev.kind == "segmentation":  # dense zero-shot mIoU on shapes, see evaluate.dense
+      out = dense.evaluate(name, ev, config, encoders, variables, tokenizer, mesh)
+    elif ev.kind == "geometry":  # uniformity / alignment / tolerance, see evaluate.geometry
       out = geometry.evaluate(name, ev, config, encoders, variables, tokenizer, mesh)
     elif ev.kind in ("knn", "linear_probe"):
       out = _image_only(name, ev, config, encoders, variables, mesh, cache)
+    elif ev.kind in ("tfup", "opta", "gcd"):  # training-free adaptation: evaluate.tfup/opta/gcd
+      module = {"tfup": tfup, "opta": opta, "gcd": gcd}[ev.kind]
+      out = module.run_evaluator(name, ev, config, encoders, variables, tokenizer, mesh)
     elif ev.kind == "retrieval" and ev.dataset in pipeline.STREAM_SOURCES:
       out = retrieval.evaluate(encoders, variables, _stream_retrieval_data(name, ev, config,
                                                                           tokenizer),

@@ -34,10 +34,11 @@ import numpy as np
 
 from contrastive_jax.data import pipeline
 from contrastive_jax.data.tokenizers import Tokenizer
-from contrastive_jax.evaluate import (embedding, fewshot, gda, knn, linear_probe, metrics,
-                                      prompts, results, retrieval, zeroshot)
+from contrastive_jax.evaluate import (embedding, fewshot, gcd, gda, knn, linear_probe, metrics,
+                                      opta, prompts, results, retrieval, tfup, zeroshot)
 
-TASKS = ("zeroshot", "linear_probe", "knn", "fewshot", "gda", "retrieval")
+TASKS = ("zeroshot", "linear_probe", "knn", "fewshot", "gda", "tfup", "opta", "gcd",
+         "retrieval")
 CLASSIFICATION_TASKS = TASKS[:-1]
 # dataset -> (train split, test split); default ("train", "test").
 SPLITS = {"imagenet2012": ("train", "validation"), "sun397": ("train", "test")}
@@ -151,6 +152,12 @@ def run_task(task: str, model: Model, dataset: str, mesh, options: Options,
     weights = text_classifier(model, dataset, mesh, options)
     logits = embedding.normalize(test[0]) @ weights.T
     return metrics.classification_metrics(logits, test[1], num_classes=len(weights))
+  if task in ("tfup", "opta", "gcd"):  # training-free, on the test split (tfup/opta/gcd.py)
+    if task == "tfup":
+      return tfup.evaluate(*test, text_classifier(model, dataset, mesh, options))
+    if task == "opta":  # N-way --shots episodes, 15 queries per class
+      return opta.evaluate(*test, shots=options.shots, seed=options.seed)
+    return gcd.evaluate(*test, seed=options.seed)
   train = image_features(model, dataset, train_split, options.num_train, mesh, options, cache)
   if task == "linear_probe":
     return linear_probe.evaluate(*train, *test, val_fraction=options.val_fraction,

@@ -40,8 +40,10 @@ from contrastive_jax.losses.geometry import alignment, geometry_metrics, toleran
 from contrastive_jax.losses.hard_info_nce import hard_info_nce_loss
 from contrastive_jax.losses.sepclr import sepclr_loss
 from contrastive_jax.losses.soft_contrastive import soft_contrastive_loss
+from contrastive_jax.losses.dito import box_pool, region_embeddings, region_text_loss
 
 __all__ = [
+    "box_pool", "region_embeddings", "region_text_loss",
     "alignment", "geometry_metrics", "hard_info_nce_loss", "sepclr_loss",
     "soft_contrastive_loss", "tolerance", "uniformity",
     "back_translate", "circle_multi_positive_loss", "clip_logits", "clip_loss", "convirt_loss",

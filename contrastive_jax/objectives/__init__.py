@@ -5,6 +5,7 @@
 see :mod:`contrastive_jax.objectives.base` for the interface.
 """
 
+from contrastive_jax.objectives.adclip import AdClip
 from contrastive_jax.objectives.beclr import Beclr
 from contrastive_jax.objectives.cacr import Cacr
 from contrastive_jax.objectives.clip import Clip, Convirt
@@ -35,7 +36,9 @@ OBJECTIVES = {"clip": Clip, "convirt": Convirt, "siglip": Siglip, "filip": Filip
               "isogclr": ISogClr,
               "groco": GroCo, "cacr": Cacr, "ft": FeatureTransform,
               "mlcd": Mlcd, "beclr": Beclr, "sbcl": Sbcl,
-              "hydra": Hydra, "supremix": SupReMix}
+              "hydra": Hydra, "supremix": SupReMix,
+              # training-free / prompt adaptation of a frozen checkpoint
+              "adclip": AdClip}
 
 
 def make_objective(config, tokenizer):
