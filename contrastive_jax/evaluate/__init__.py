@@ -25,8 +25,6 @@ from __future__ import annotations
 
 from typing import Dict
 
-import numpy as np
-
 from contrastive_jax.data import pipeline, shapes
 from contrastive_jax.evaluate import (dense, embedding, gcd, geometry, knn, linear_probe, opta,
                                       retrieval, tfup, zeroshot)
@@ -35,26 +33,9 @@ KINDS = ("zeroshot", "retrieval", "knn", "linear_probe", "geometry", "segmentati
          "tfup", "opta", "gcd")
 IMAGE_TEXT_DATASETS = ("shapes",)
 jitted_encoders = embedding.jitted_encoders
+image_features = embedding.labelled_image_features
 # dataset name -> (class names, prompt templates) for zero-shot classification.
 CLASSIFICATION_PROMPTS = {"shapes": (shapes.CLASS_NAMES, shapes.PROMPT_TEMPLATES)}
-
-
-def image_features(encoders, variables, data_config, mesh, batch_size: int, *, split: str,
-                   num_examples=None):
-  """``(features [n, D], labels [n])`` of a labelled split of ``data_config.source``
-  (shapes: single-object scenes only, the ones with a class label)."""
-  ds = pipeline.image_eval_dataset(data_config, split=split, num_examples=num_examples,
-                                   single_object=data_config.source == "shapes")
-  labels = []
-
-  def batches():
-    for batch in ds.batch(batch_size).as_numpy_iterator():
-      labels.append(batch["label"])
-      yield batch
-
-  features = embedding.embed_batches(encoders.image, variables, batches(), ("image",), mesh,
-                                     batch_size)
-  return features, np.concatenate(labels)
 
 
 def _image_only(name, ev, config, encoders, variables, mesh, cache) -> Dict[str, float]:

@@ -10,6 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from contrastive_jax import parallel
+from contrastive_jax.data import pipeline
 
 
 def _host_rows(x: np.ndarray) -> np.ndarray:
@@ -84,3 +85,20 @@ def embed_batches(encode: Callable, variables, batches: Iterable[Mapping[str, np
 def normalize(x: np.ndarray) -> np.ndarray:
   x = np.asarray(x, np.float32)
   return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
+
+
+def labelled_image_features(encoders, variables, data_config, mesh, batch_size: int, *,
+                            split: str, num_examples=None):
+  """``(features [n, D], labels [n])`` of a labelled split of ``data_config.source`` embedded
+  with ``encoders.image`` (shapes: single-object scenes only, the ones with a class label)."""
+  ds = pipeline.image_eval_dataset(data_config, split=split, num_examples=num_examples,
+                                   single_object=data_config.source == "shapes")
+  labels = []
+
+  def batches():
+    for batch in ds.batch(batch_size).as_numpy_iterator():
+      labels.append(batch["label"])
+      yield batch
+
+  features = embed_batches(encoders.image, variables, batches(), ("image",), mesh, batch_size)
+  return features, np.concatenate(labels)

@@ -37,7 +37,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from contrastive_jax.data import pipeline, shapes
+from contrastive_jax.data import shapes
 from contrastive_jax.evaluate import embedding, metrics, zeroshot
 
 ALPHA = 0.3
@@ -190,20 +190,9 @@ def evaluator_features(name, ev, config, encoders, variables, mesh, default_exam
   if ev.dataset != config.data.source:
     raise ValueError(f"config.eval.evaluators.{name}.dataset={ev.dataset!r}; {ev.kind} reads "
                      f"the training source config.data.source={config.data.source!r}.")
-  batch_size = config.eval.batch_size
-  ds = pipeline.image_eval_dataset(config.data, split=ev.get("split", "test"),
-                                   num_examples=ev.get("num_examples", default_examples),
-                                   single_object=config.data.source == "shapes")
-  labels = []
-
-  def batches():
-    for batch in ds.batch(batch_size).as_numpy_iterator():
-      labels.append(batch["label"])
-      yield batch
-
-  features = embedding.embed_batches(encoders.image, variables, batches(), ("image",), mesh,
-                                     batch_size)
-  return features, np.concatenate(labels)
+  return embedding.labelled_image_features(
+      encoders, variables, config.data, mesh, config.eval.batch_size,
+      split=ev.get("split", "test"), num_examples=ev.get("num_examples", default_examples))
 
 
 def run_evaluator(name, ev, config, encoders, variables, tokenizer, mesh) -> Dict[str, float]:
