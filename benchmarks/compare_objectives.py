@@ -1,4 +1,10 @@
-"""Trains every image-text objective on the shapes data with the same budget and compares them.
+"""Trains every objective with the same budget and compares them.
+
+``--family image_text`` (default): the image-text objectives on the shapes data, below.
+``--family image_only``: every ``configs/<method>_fashion_mnist.py`` through
+``benchmarks/ssl_fashion_mnist.py`` (kNN and linear probe on Fashion-MNIST; the remaining
+arguments go to that script). ``benchmarks/objectives_table.py`` joins both runs' JSON into the
+README's table of every objective.
 
 Each ``configs/<name>_shapes.py`` is trained from scratch for ``--steps`` steps (same data,
 batch, model size and optimizer budget; each method keeps its own loss hyperparameters) and
@@ -90,7 +96,21 @@ def replace_in_readme(readme: str, table: str, markers=(START, END)) -> None:
 
 
 def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--family" in argv:
+    i = argv.index("--family")
+    family = argv[i + 1] if i + 1 < len(argv) else ""
+    del argv[i:i + 2]
+    if family == "image_only":
+      sys.path.insert(0, str(REPO / "benchmarks"))
+      import ssl_fashion_mnist
+      if not any(a.startswith("--methods") for a in argv):
+        argv = ["--methods", ",".join(ssl_fashion_mnist.METHODS)] + argv
+      return ssl_fashion_mnist.main(argv)
+    if family != "image_text":
+      raise SystemExit(f"--family {family!r}; expected image_text or image_only.")
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--family", default="image_text", choices=("image_text", "image_only"))
   parser.add_argument("--objectives", default=",".join(OBJECTIVES))
   parser.add_argument("--size", default="cpu", choices=("cpu", "tiny"))
   parser.add_argument("--steps", type=int, default=600)

@@ -32,7 +32,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from compare_objectives import median_steps_per_sec, replace_in_readme  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-METHODS = ("simclr", "swav", "dcl", "mochi", "pixpro", "isogclr")
+# Every method with a configs/<method>_fashion_mnist.py.
+METHODS = tuple(sorted(p.name[:-len("_fashion_mnist.py")]
+                       for p in (REPO / "configs").glob("*_fashion_mnist.py")))
 MARKERS = ("<!-- ssl_fashion_mnist:start -->", "<!-- ssl_fashion_mnist:end -->")
 
 

@@ -93,3 +93,36 @@ def test_scale_memory_reports_what_each_setting_divides():
   assert both["state_bytes"] < 0.35 * base["state_bytes"]
   assert both["activation_bytes"] * 4 == base["activation_bytes"]
   assert both["temp_bytes"] < base["temp_bytes"]
+
+
+def test_objectives_table_lists_every_objective_and_loss(tmp_path):
+  from contrastive_jax import losses, objectives
+  bench = _load("objectives_table")
+  named = set(bench.CATALOGUE)
+  assert set(objectives.OBJECTIVES) <= named, set(objectives.OBJECTIVES) - named
+  for name, (_, scope, _) in bench.CATALOGUE.items():
+    if scope == "loss":
+      assert callable(getattr(losses, name)), name
+    elif scope in ("option", "image-only", "image-text", "labels", "adaptation"):
+      assert bench.configs_of(name), name  # a config to run it with
+  start, end = bench.MARKERS
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{start}\nold\n{end}\n")
+  bench.main(["--readme", str(readme)])
+  text = readme.read_text()
+  assert "old" not in text and "| `hydra` | Wu et al. 2024" in text
+  assert "| `clip` |" in text and "zero-shot acc1 (shapes," in text
+
+
+def test_compare_objectives_runs_the_image_only_family(tmp_path):
+  import json
+  import pytest
+  from contrastive_jax.data import fashion_mnist
+  if not fashion_mnist.available():
+    pytest.skip("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
+  bench = _load("compare_objectives")
+  out = tmp_path / "results.json"
+  bench.main(["--family", "image_only", "--methods", "sbcl", "--size", "tiny", "--steps", "2",
+              "--workdir", str(tmp_path / "runs"), "--output", str(out)])
+  (run,) = json.loads(out.read_text())["runs"]
+  assert run["method"] == "sbcl" and run["steps"] == 2 and 0.0 <= run["knn_acc1"] <= 1.0
