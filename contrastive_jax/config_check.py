@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import flags
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from contrastive_jax import checkpointing, parallel
@@ -257,7 +258,13 @@ def saved_config(workdir: str) -> Tuple[Optional[int], Optional[dict]]:
   """``(step, config)`` of ``workdir``'s newest complete checkpoint: the config JSON saved in
   its ``meta`` (else ``<workdir>/config.json``); ``(None, None)`` without a checkpoint."""
   directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  exists = os.path.isdir(directory)
+  if jax.process_count() > 1:
+    # Process 0's answer for all: a slower process could otherwise find the directory that
+    # process 0, already past this check, has just created, and the two would enter different
+    # orbax collectives (a sync_global_devices name mismatch).
+    exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+  if not exists:
     return None, None
   mngr = checkpointing.manager_at(directory)
   try:
