@@ -53,8 +53,13 @@ def log_mean_gaussian(z: jax.Array, *, t: float = 2.0, valid: Optional[jax.Array
   z = common.l2_normalize(z) if normalize else z.astype(jnp.float32)
   cols = common.all_gather_rows(z, axis_name)
   mask = _pair_mask(z.shape[0], cols.shape[0], axis_name, valid)
-  logits = jnp.where(mask, -t * squared_distances(z, cols), -1e30)
-  # Global log-sum-exp: shift by the (gradient-free) global max of the valid logits.
+  return global_log_mean_exp(-t * squared_distances(z, cols), mask, axis_name=axis_name)
+
+
+def global_log_mean_exp(logits: jax.Array, mask: jax.Array, *, axis_name=None) -> jax.Array:
+  """``log mean exp`` of the ``mask``-ed entries of ``logits`` over every device (0 when no
+  entry is valid), shifted by their gradient-free global max."""
+  logits = jnp.where(mask, logits, -1e30)
   local_max = jax.lax.stop_gradient(jnp.max(logits))
   shift = local_max if axis_name is None else jax.lax.pmax(local_max, axis_name)
   total = common.global_sum(jnp.sum(jnp.where(mask, jnp.exp(logits - shift), 0.0)), axis_name)

@@ -47,13 +47,7 @@ def _masked_mean(values, valid, axis_name):
 
 def _null_repulsion(s, valid, t, axis_name):
   """``log mean_{i valid} exp(−t ‖s_i‖²)`` (0 when no row is valid)."""
-  logits = jnp.where(valid, -t * jnp.sum(s * s, axis=-1), -1e30)
-  local_max = jax.lax.stop_gradient(jnp.max(logits))
-  shift = local_max if axis_name is None else jax.lax.pmax(local_max, axis_name)
-  total = common.global_sum(jnp.sum(jnp.where(valid, jnp.exp(logits - shift), 0.0)), axis_name)
-  count = common.global_sum(jnp.sum(valid.astype(jnp.float32)), axis_name)
-  value = jnp.log(jnp.maximum(total, 1e-30)) + shift - jnp.log(jnp.maximum(count, 1.0))
-  return jnp.where(count > 0, value, 0.0)
+  return geometry.global_log_mean_exp(-t * jnp.sum(s * s, axis=-1), valid, axis_name=axis_name)
 
 
 def kde_log_density(u, valid, *, bandwidth, axis_name=None):
